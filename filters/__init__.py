@@ -1,0 +1,1 @@
+"""Example filter files shipped with polystream; copied by `polystream filter add`."""

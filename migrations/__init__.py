@@ -1,0 +1,1 @@
+"""SQL migrations applied by `polystream migrate`; shipped inside the wheel."""

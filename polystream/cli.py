@@ -1,0 +1,239 @@
+"""The `polystream` command: thin typer commands over the library. Errors from the library arrive
+as `PolystreamError` and leave here as one sentence and an exit code (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.exceptions import TyperException
+
+from . import __version__, display
+from .config import (
+    Settings,
+    check_url,
+    load_settings,
+    parse_channels,
+    parse_timeframe,
+)
+from .errors import ConfigError, PolystreamError
+from .pipeline import Output, Pipeline, Source
+from .record import Recorder, ReplaySource
+from .simulator import DemoFeed
+from .source import FeedClient, FeedOptions
+from .symbols import normalize, to_pair
+
+app = typer.Typer(
+    name="polystream",
+    help="Streaming analyzer for Polygon.io / Massive crypto market data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_debug = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"polystream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Verbose logs and tracebacks (secrets stay redacted).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def _settings(**overrides: str | None) -> Settings:
+    settings = load_settings(overrides)
+    display.setup_logging(settings.redactor(), _debug)
+    return settings
+
+
+def _open_source(
+    feed: str,
+    settings: Settings,
+    pairs: list[str],
+    channels: tuple[str, ...],
+    speed: float | None,
+    seed: int,
+    stack: contextlib.ExitStack,
+) -> Source:
+    if feed == "demo":
+        demo = stack.enter_context(DemoFeed(seed=seed))
+        return FeedClient(demo.url, "demo", pairs, channels)
+    if feed == "polygon" or feed.startswith(("ws://", "wss://")):
+        url = settings.ws_url if feed == "polygon" else feed
+        check_url("--feed", url, ("ws", "wss"))
+        if not settings.api_key:
+            raise ConfigError(
+                "No API key: set POLYGON_API_KEY (or MASSIVE_API_KEY) in the environment or "
+                ".env, or try the built-in feed with `polystream demo`."
+            )
+        return FeedClient(url, settings.api_key, pairs, channels, options=FeedOptions())
+    path = Path(feed)
+    if not path.exists():
+        raise ConfigError(
+            f"--feed {feed!r} is neither polygon, demo, a ws:// or wss:// URL, "
+            "nor an existing recording file."
+        )
+    return ReplaySource(path, speed=speed)
+
+
+@app.command()
+def watch(
+    symbols: Annotated[
+        list[str], typer.Argument(help="Symbols such as X:BTCUSD, BTC-USD or btcusd.")
+    ],
+    feed: Annotated[
+        str, typer.Option(help="polygon, demo, a ws:// or wss:// URL, or a recording to replay.")
+    ] = "polygon",
+    timeframe: Annotated[
+        list[str], typer.Option("--timeframe", "-t", help="Bar timeframe; repeatable.")
+    ] = ["1m"],  # noqa: B006  (typer reads the default; it is never mutated)
+    channels: Annotated[str, typer.Option(help="Comma-separated: XT,XQ,XA,XAS,XL2.")] = "XT,XQ",
+    no_ui: Annotated[bool, typer.Option("--no-ui", help="No dashboard; plain lines.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")] = False,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop cleanly after this many seconds.", min=0)
+    ] = None,
+    record: Annotated[
+        Path | None, typer.Option(help="Record every frame to FILE (.gz/.zst compress).")
+    ] = None,
+    speed: Annotated[
+        float | None, typer.Option(help="Replay at N x real time (default: as fast as possible).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the demo feed.")] = 0,
+) -> None:
+    """Live feed -> dashboard, JSON records and recordings."""
+    settings = _settings()
+    normalized = [normalize(s) for s in dict.fromkeys(symbols)]
+    pairs = [to_pair(s) for s in normalized]
+    for tf in timeframe:
+        parse_timeframe(tf)
+    chans = parse_channels(channels)
+    if speed is not None and speed <= 0:
+        raise ConfigError(f"Invalid --speed {speed:g}: give a positive multiple of real time.")
+    with contextlib.ExitStack() as stack:
+        source = _open_source(feed, settings, pairs, chans, speed, seed, stack)
+        outputs: list[Output] = []
+        if json_out:
+            outputs.append(display.JsonLines())
+        outputs.append(display.TextLog() if no_ui else display.Dashboard())
+        recorder = Recorder(record) if record is not None else None
+        pipeline = Pipeline(source, normalized, outputs, recorder=recorder)
+        result = pipeline.run(duration)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def demo(
+    no_ui: Annotated[bool, typer.Option("--no-ui", help="No dashboard; plain lines.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")] = False,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop cleanly after this many seconds.", min=0)
+    ] = None,
+    record: Annotated[Path | None, typer.Option(help="Record every frame to FILE.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the demo feed.")] = 0,
+) -> None:
+    """`watch X:BTCUSD X:ETHUSD --feed demo`: the whole pipeline, no key, no network."""
+    watch(
+        ["X:BTCUSD", "X:ETHUSD"],
+        feed="demo",
+        timeframe=["1m"],
+        channels="XT,XQ",
+        no_ui=no_ui,
+        json_out=json_out,
+        duration=duration,
+        record=record,
+        speed=None,
+        seed=seed,
+    )
+
+
+@app.command()
+def simulate(
+    port: Annotated[
+        int, typer.Option(help="TCP port (0 picks a free one).", min=0, max=65535)
+    ] = 8765,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    seed: Annotated[int, typer.Option(help="Seed of the random walks.")] = 0,
+    bar_seconds: Annotated[
+        float, typer.Option(help="Wall seconds per replayed BTC minute bar.", min=0.001)
+    ] = 1.0,
+    api_key: Annotated[
+        str | None, typer.Option(help="Accept only this key (default: any non-empty key).")
+    ] = None,
+    auth_failed: Annotated[bool, typer.Option(help="Fault: refuse every key.")] = False,
+    malformed_every: Annotated[
+        int, typer.Option(help="Fault: every Nth data frame is malformed.", min=0)
+    ] = 0,
+    drop_every: Annotated[
+        float | None, typer.Option(help="Fault: drop every connection every S seconds.", min=0.1)
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """Serve the built-in Polygon-protocol feed on loopback until Ctrl-C."""
+    _settings()
+    feed = DemoFeed(
+        host,
+        port,
+        seed=seed,
+        bar_seconds=bar_seconds,
+        api_key=api_key,
+        auth_failed=auth_failed,
+        malformed_every=malformed_every,
+    )
+    with feed:
+        display.stderr_console.print(f"serving {feed.url} (Ctrl-C to stop)")
+        started = time.monotonic()
+        next_drop = None if drop_every is None else started + drop_every
+        try:
+            while duration is None or time.monotonic() - started < duration:
+                time.sleep(0.1)
+                if next_drop is not None and time.monotonic() >= next_drop:
+                    feed.drop_connections()
+                    next_drop += drop_every or 0
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+
+def main() -> None:
+    """Entry point: runs the app and maps every failure to the exit-code contract."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except TyperException as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            display.error(exc.format_message())
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    except PolystreamError as exc:
+        if _debug:
+            traceback.print_exc()
+        display.error(str(exc))
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

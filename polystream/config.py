@@ -1,0 +1,233 @@
+"""Settings from flags, the environment, `.env` and defaults (in that order of precedence).
+
+`load_settings` validates every value and raises `ConfigError` naming the setting at fault.
+Secrets are never shown whole: `redact` and `Redactor` turn them into `abc…xyz`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+DEFAULT_WS_URL = "wss://socket.massive.com/crypto"
+DEFAULT_REST_URL = "https://api.massive.com"
+DEFAULT_TELEGRAM_API_URL = "https://api.telegram.org"
+
+TIMEFRAMES: dict[str, int] = {
+    "1s": 1_000,
+    "5s": 5_000,
+    "15s": 15_000,
+    "30s": 30_000,
+    "1m": 60_000,
+    "5m": 300_000,
+    "15m": 900_000,
+    "30m": 1_800_000,
+    "1h": 3_600_000,
+    "4h": 14_400_000,
+    "1d": 86_400_000,
+}
+CHANNELS = ("XT", "XQ", "XA", "XAS", "XL2")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_timeframe(text: str, setting: str = "--timeframe") -> int:
+    """Return the timeframe's length in milliseconds."""
+    value = text.strip().lower()
+    if value not in TIMEFRAMES:
+        raise ConfigError(
+            f"Unknown timeframe {text!r} for {setting}: use one of {' '.join(TIMEFRAMES)}."
+        )
+    return TIMEFRAMES[value]
+
+
+def timeframe_name(ms: int) -> str:
+    """The name (`1m`) of a timeframe given in milliseconds."""
+    for name, length in TIMEFRAMES.items():
+        if length == ms:
+            return name
+    raise ValueError(ms)
+
+
+def parse_duration(text: str, setting: str) -> float:
+    """Seconds from `90`, `30s`, `5m`, `1h`, `1d` or `250ms`."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ConfigError(f"Invalid duration {text!r} for {setting}: write it like 30s, 5m or 1h.")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_channels(text: str) -> tuple[str, ...]:
+    """Validate a comma-separated channel list such as `XT,XQ`."""
+    items = tuple(dict.fromkeys(c.strip().upper() for c in text.split(",") if c.strip()))
+    bad = [c for c in items if c not in CHANNELS]
+    if bad or not items:
+        raise ConfigError(
+            f"Unknown channel {', '.join(bad) or repr(text)} for --channels: "
+            f"use a comma-separated list of {','.join(CHANNELS)}."
+        )
+    return items
+
+
+def redact(secret: str) -> str:
+    """Show a secret as `abc…xyz` (or `…` when it is too short to show any of it)."""
+    if len(secret) < 12:
+        return "…"
+    return f"{secret[:3]}…{secret[-3:]}"
+
+
+class Redactor:
+    """Replaces every known secret in a text by its redacted form."""
+
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, redact(secret))
+        return text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that scrubs secrets from every record that passes it."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._redactor(record.getMessage())
+        record.args = None
+        return True
+
+
+def display_url(url: str) -> str:
+    """A URL safe to print: any password it carries is replaced by `…`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:…@{host}"))
+
+
+def check_url(name: str, value: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(
+            f"Invalid URL {display_url(value)!r} for {name}: "
+            f"expected {' or '.join(s + '://' for s in schemes)} followed by a host."
+        )
+    try:
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        raise ConfigError(f"Invalid port in {display_url(value)!r} for {name}.") from None
+    return value.rstrip("/") if parts.path in ("", "/") else value
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "polystream"
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """Validated configuration; secrets are redacted in `repr`."""
+
+    api_key: str | None = None
+    ws_url: str = DEFAULT_WS_URL
+    rest_url: str = DEFAULT_REST_URL
+    database_url: str | None = None
+    telegram_bot_token: str | None = None
+    telegram_chat_ids: tuple[str, ...] = ()
+    telegram_api_url: str = DEFAULT_TELEGRAM_API_URL
+    filters_dir: Path = Path("filters")
+    state_dir: Path = msgspec.field(default_factory=default_state_dir)
+
+    @property
+    def secrets(self) -> list[str]:
+        found = [self.api_key, self.telegram_bot_token]
+        if self.database_url:
+            found.append(urlsplit(self.database_url).password)
+        return [s for s in found if s]
+
+    def redactor(self) -> Redactor:
+        return Redactor(self.secrets)
+
+    def __repr__(self) -> str:
+        return self.redactor()(
+            "Settings("
+            + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__)
+            + ")"
+        )
+
+
+ENV_VARS = (
+    "POLYGON_API_KEY",
+    "MASSIVE_API_KEY",
+    "POLYGON_WS_URL",
+    "POLYGON_REST_URL",
+    "DATABASE_URL",
+    "TELEGRAM_BOT_TOKEN",
+    "TELEGRAM_CHAT_ID",
+    "TELEGRAM_API_URL",
+    "POLYSTREAM_FILTERS_DIR",
+    "POLYSTREAM_STATE_DIR",
+)
+
+
+def load_settings(
+    overrides: Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+    env_file: Path | None = Path(".env"),
+) -> Settings:
+    """Merge flags (`overrides`, keyed by variable name) > environment > `.env` > defaults."""
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v})
+    env = os.environ if environ is None else environ
+    merged.update({k: env[k] for k in ENV_VARS if env.get(k)})
+    merged.update({k: v for k, v in (overrides or {}).items() if v})
+
+    api_key = merged.get("POLYGON_API_KEY") or merged.get("MASSIVE_API_KEY")
+    database_url = merged.get("DATABASE_URL")
+    if database_url:
+        check_url("DATABASE_URL", database_url, ("postgresql", "postgres"))
+    chat_ids = tuple(c.strip() for c in merged.get("TELEGRAM_CHAT_ID", "").split(",") if c.strip())
+    bad_chat = [c for c in chat_ids if not re.fullmatch(r"-?\d+|@\w{4,}", c)]
+    if bad_chat:
+        raise ConfigError(
+            f"Invalid chat id {bad_chat[0]!r} in TELEGRAM_CHAT_ID: "
+            "use numeric ids (or @channelname), comma-separated."
+        )
+    defaults = Settings()
+    return Settings(
+        api_key=api_key,
+        ws_url=check_url(
+            "POLYGON_WS_URL", merged.get("POLYGON_WS_URL", DEFAULT_WS_URL), ("ws", "wss")
+        ),
+        rest_url=check_url(
+            "POLYGON_REST_URL", merged.get("POLYGON_REST_URL", DEFAULT_REST_URL), ("http", "https")
+        ),
+        database_url=database_url,
+        telegram_bot_token=merged.get("TELEGRAM_BOT_TOKEN"),
+        telegram_chat_ids=chat_ids,
+        telegram_api_url=check_url(
+            "TELEGRAM_API_URL",
+            merged.get("TELEGRAM_API_URL", DEFAULT_TELEGRAM_API_URL),
+            ("http", "https"),
+        ),
+        filters_dir=Path(merged.get("POLYSTREAM_FILTERS_DIR", str(defaults.filters_dir))),
+        state_dir=Path(merged.get("POLYSTREAM_STATE_DIR", str(defaults.state_dir))),
+    )

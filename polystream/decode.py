@@ -1,0 +1,91 @@
+"""Frames (bytes) → typed events, on the pipeline thread.
+
+One decoder per process, built once. A frame decodes in one pass; only when that fails is it taken
+apart element by element, so one bad element costs that element alone. Nothing raised by input
+escapes: rejects are counted and the first few are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+
+from .events import EVENT_TYPES, Event
+
+log = logging.getLogger(__name__)
+
+MAX_LOGGED_REJECTS = 5
+
+
+class _Tag(msgspec.Struct):
+    ev: str
+
+
+class DecodeStats(msgspec.Struct):
+    """Counters since the decoder was made."""
+
+    frames: int = 0
+    events: int = 0
+    malformed_frames: int = 0
+    rejected_events: int = 0
+    unknown_events: int = 0
+
+
+class Decoder:
+    """Decode feed frames into `Event` structs; never raises on bad input."""
+
+    def __init__(self) -> None:
+        self._decode_frame = msgspec.json.Decoder(list[Event]).decode
+        self._raw_frame = msgspec.json.Decoder(list[msgspec.Raw])
+        self._one = msgspec.json.Decoder(Event)
+        self._tag = msgspec.json.Decoder(_Tag)
+        self.stats = DecodeStats()
+        self._logged = 0
+
+    def decode(self, frame: bytes | str) -> list[Event]:
+        """Return the events of one frame, skipping (and counting) any element that is malformed."""
+        stats = self.stats
+        stats.frames += 1
+        try:
+            events = self._decode_frame(frame)
+        except msgspec.DecodeError:
+            events = self._salvage(frame)
+        stats.events += len(events)
+        return events
+
+    def _salvage(self, frame: bytes | str) -> list[Event]:
+        try:
+            parts = self._raw_frame.decode(frame)
+        except msgspec.DecodeError:
+            try:  # a lone object instead of an array
+                return [self._one.decode(frame)]
+            except msgspec.DecodeError as exc:
+                self.stats.malformed_frames += 1
+                self._log("malformed frame", exc, frame)
+                return []
+        events: list[Event] = []
+        for part in parts:
+            try:
+                events.append(self._one.decode(part))
+            except msgspec.DecodeError as exc:
+                if self._is_unknown_type(part):
+                    self.stats.unknown_events += 1
+                else:
+                    self.stats.rejected_events += 1
+                    self._log("rejected event", exc, part)
+        return events
+
+    def _is_unknown_type(self, part: msgspec.Raw) -> bool:
+        try:
+            return self._tag.decode(part).ev not in EVENT_TYPES
+        except msgspec.DecodeError:
+            return False
+
+    def _log(self, what: str, exc: Exception, data: bytes | str | msgspec.Raw) -> None:
+        if self._logged >= MAX_LOGGED_REJECTS:
+            return
+        self._logged += 1
+        text = bytes(data) if isinstance(data, msgspec.Raw) else data
+        shown = text[:200] if isinstance(text, str) else text[:200].decode("utf-8", "replace")
+        log.warning("%s (%s): %s", what, exc, shown)

@@ -1,0 +1,29 @@
+"""Library errors carry one sentence the user can act on; only the CLI maps them to exit codes."""
+
+from __future__ import annotations
+
+
+class PolystreamError(Exception):
+    """Base class: `str(err)` is a complete sentence meant for the user."""
+
+    exit_code = 1
+
+
+class ConfigError(PolystreamError):
+    """A setting, flag or environment variable has a value polystream cannot use."""
+
+
+class SymbolError(ConfigError):
+    """A symbol is written in a form polystream does not recognise."""
+
+
+class FeedError(PolystreamError):
+    """The market-data feed cannot be used (fatal, not a passing outage)."""
+
+
+class AuthFailed(FeedError):
+    """The feed refused the API key."""
+
+
+class RecordingError(PolystreamError):
+    """A recording file cannot be read or written."""

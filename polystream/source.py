@@ -1,0 +1,386 @@
+"""The feed client: a named reader thread owns the WebSocket and puts raw frames on a bounded queue.
+
+Output: `Frame` (receipt time in ms + the frame's bytes) and `Notice` (status records) on `queue`,
+which blocks the reader when full. The client reconnects after any close or silence, forever,
+until `stop()` or a fatal `auth_failed`; each outage is recorded per symbol in `gaps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, TypeAlias
+
+import msgspec
+import websocket
+
+from .errors import AuthFailed
+from .events import Status
+from .symbols import from_pair
+
+log = logging.getLogger(__name__)
+
+
+class Frame(NamedTuple):
+    """One frame exactly as received, with its receipt time in epoch milliseconds."""
+
+    received: int
+    data: bytes
+
+
+class Notice(msgspec.Struct, frozen=True):
+    """A status record for the pipeline: `event` is one of the names in DESIGN §1."""
+
+    event: str
+    time: int
+    detail: str = ""
+
+
+class EndOfStream(msgspec.Struct, frozen=True):
+    """The source has nothing more to give (a replay reached its end, or the client stopped)."""
+
+    error: str | None = None
+
+
+class Gap(msgspec.Struct, frozen=True):
+    """An outage of the feed for one symbol, in epoch ms: no data from `start` to `end`."""
+
+    symbol: str
+    start: int
+    end: int
+
+
+Item: TypeAlias = Frame | Notice | EndOfStream
+
+
+class FeedOptions(msgspec.Struct, frozen=True):
+    """Timing and sizing of the feed client (seconds unless named otherwise)."""
+
+    queue_size: int = 10_000
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    ping_interval: float = 20.0
+    silence_timeout: float = 30.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    max_connections_backoff: float = 60.0
+    healthy_after: float = 60.0
+    topics_per_message: int = 100
+    poll_interval: float = 0.2
+
+
+class _Reconnect(Exception):
+    """Leave the current connection and reconnect after a backoff."""
+
+    def __init__(self, reason: str, *, hard: bool = False) -> None:
+        super().__init__(reason)
+        self.hard = hard
+
+
+class _Stopped(Exception):
+    """`stop()` was called while the reader was waiting."""
+
+
+class _Element(msgspec.Struct):
+    ev: str = ""
+    status: str = ""
+    message: str = ""
+
+
+_element_decoder = msgspec.json.Decoder(list[_Element])
+_STATUS_MARK = b'"status"'
+
+
+def topics_for(pairs: Iterable[str], channels: Iterable[str]) -> list[str]:
+    """Subscription topics (`XT.BTC-USD`) for every pair and channel."""
+    chans = list(channels)
+    return [f"{ch}.{pair}" for pair in pairs for ch in chans]
+
+
+def chunk_topics(topics: list[str], per_message: int) -> list[str]:
+    """`params` strings for subscribe messages, at most `per_message` topics each."""
+    return [",".join(topics[i : i + per_message]) for i in range(0, len(topics), per_message)]
+
+
+class FeedClient:
+    """Reads the Polygon crypto WebSocket on its own thread; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        pairs: list[str],
+        channels: Iterable[str] = ("XT", "XQ"),
+        *,
+        options: FeedOptions | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self._api_key = api_key
+        self.pairs = list(pairs)
+        self.topics = topics_for(self.pairs, channels)
+        self.options = options or FeedOptions()
+        self.queue: queue.Queue[Item] = queue.Queue(maxsize=self.options.queue_size)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="polystream-feed", daemon=True)
+        self._ws: websocket.WebSocket | None = None
+        self.state = "idle"
+        self.connections = 0
+        self.reconnects = 0
+        self.acked_topics: set[str] = set()
+        self.gaps: list[Gap] = []
+        self.fatal: AuthFailed | None = None
+        self._last_data_ms: int | None = None
+
+    # -- control (any thread) -------------------------------------------------------------
+
+    def start(self) -> FeedClient:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the reader to close the connection and end; returns at once."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the reader thread; True when it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- reader thread --------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _emit(self, item: Item) -> None:
+        """Put on the queue, blocking while it is full (data is never dropped), unless stopping."""
+        while True:
+            try:
+                self.queue.put(item, timeout=self.options.poll_interval)
+                return
+            except queue.Full:
+                if self._stop.is_set():
+                    raise _Stopped() from None
+
+    def _notice(self, event: str, detail: str = "") -> None:
+        if event in ("max_connections", "error", "disconnected"):
+            log.warning("%s: %s", event, detail)
+        else:
+            log.info("%s: %s", event, detail)
+        self._emit(Notice(event, self._now_ms(), detail))
+
+    def _run(self) -> None:
+        attempt = 0
+        outage_start: int | None = None
+        try:
+            while not self._stop.is_set():
+                healthy = False
+                hard = False
+                try:
+                    healthy, outage_start = self._session(outage_start)
+                except _Reconnect as exc:
+                    hard = exc.hard
+                    self._notice("disconnected", str(exc))
+                except AuthFailed as exc:
+                    self.fatal = exc
+                    self.state = "failed"
+                    self._notice("error", str(exc))
+                    return
+                except (websocket.WebSocketException, OSError) as exc:
+                    self._notice("disconnected", _describe(exc))
+                finally:
+                    self._close()
+                if self._stop.is_set():
+                    break
+                if outage_start is None:
+                    outage_start = self._last_data_ms or self._now_ms()
+                attempt = 0 if healthy else attempt
+                delay = self._backoff(attempt, hard)
+                attempt += 1
+                self.reconnects += 1
+                self.state = "backoff"
+                self._notice("reconnecting", f"in {delay:.1f} s (attempt {attempt})")
+                if self._stop.wait(delay):
+                    break
+        except _Stopped:
+            pass
+        finally:
+            self.state = "failed" if self.fatal else "stopped"
+            self._close()
+            error = str(self.fatal) if self.fatal else None
+            try:
+                self.queue.put(EndOfStream(error), timeout=5)
+            except queue.Full:
+                log.warning("feed queue stayed full at shutdown; end-of-stream not delivered")
+
+    def _backoff(self, attempt: int, hard: bool) -> float:
+        o = self.options
+        if hard:
+            base = o.max_connections_backoff
+        else:
+            base = min(o.backoff_max, o.backoff_initial * (2.0**attempt))
+        # Full jitter on the upper half keeps many clients from reconnecting in lockstep.
+        return base * (0.5 + 0.5 * self._rng.random())
+
+    def _close(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with contextlib.suppress(websocket.WebSocketException, OSError):
+                ws.close(timeout=1)
+            ws.shutdown()  # type: ignore[no-untyped-call]
+
+    def _session(self, outage_start: int | None) -> tuple[bool, int | None]:
+        """One connection from connect to close. Returns (was healthy, open outage start)."""
+        o = self.options
+        self.state = "connecting"
+        ws = websocket.WebSocket(enable_multithread=False, skip_utf8_validation=True)
+        self._ws = ws
+        ws.settimeout(o.connect_timeout)
+        ws.connect(self.url)  # type: ignore[no-untyped-call]
+        self.connections += 1
+        ws.settimeout(o.poll_interval)
+
+        deadline = time.monotonic() + o.handshake_timeout
+        first = self._handshake_status(ws, deadline, "the connected message")
+        self._notice("connected", first.message or first.status)
+
+        self.state = "authenticating"
+        ws.send(msgspec.json.encode({"action": "auth", "params": self._api_key}))
+        deadline = time.monotonic() + o.handshake_timeout
+        while True:
+            reply = self._handshake_status(ws, deadline, "the authentication reply")
+            if reply.status == "auth_success" or reply.message == "authenticated":
+                break
+            if reply.status in ("auth_failed", "error") and "auth" in reply.message.lower():
+                raise AuthFailed(
+                    "The feed refused the API key (auth_failed): check POLYGON_API_KEY "
+                    "and that your plan includes the crypto WebSocket feed."
+                )
+            if reply.status == "auth_failed":
+                raise AuthFailed(f"The feed refused the API key: {reply.message}.")
+            self._handle_status(reply)
+        self._notice("authenticated")
+
+        self.state = "subscribing"
+        self.acked_topics = set()
+        for params in chunk_topics(self.topics, o.topics_per_message):
+            ws.send(msgspec.json.encode({"action": "subscribe", "params": params}))
+        self._notice("subscribed", f"{len(self.topics)} topics")
+
+        self.state = "streaming"
+        started = time.monotonic()
+        healthy = False
+        last_frame = last_ping = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if not healthy and now - started >= o.healthy_after:
+                healthy = True
+            if now - last_ping >= o.ping_interval:
+                ws.ping()
+                last_ping = now
+            if now - last_frame >= o.silence_timeout:
+                raise _Reconnect(f"no data for {o.silence_timeout:g} s", hard=False)
+            try:
+                opcode, data = ws.recv_data()
+            except (TimeoutError, websocket.WebSocketTimeoutException):
+                continue
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise _Reconnect(f"closed by the server{_close_reason(data)}")
+            last_frame = time.monotonic()
+            received = self._now_ms()
+            has_data = True
+            if _STATUS_MARK in data:
+                has_data = self._scan_statuses(data)
+            if has_data:
+                # The gap is announced before the data that ends it, so consumers see it first.
+                if outage_start is not None:
+                    self._record_gap(outage_start, received)
+                    outage_start = None
+                self._last_data_ms = received
+            self._emit(Frame(received, data))
+        return healthy, outage_start
+
+    def _handshake_status(self, ws: websocket.WebSocket, deadline: float, what: str) -> Status:
+        while time.monotonic() < deadline:
+            if self._stop.is_set():
+                raise _Stopped()
+            try:
+                opcode, data = ws.recv_data()
+            except (TimeoutError, websocket.WebSocketTimeoutException):
+                continue
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise _Reconnect(f"closed by the server while waiting for {what}")
+            statuses = _statuses(data)
+            if statuses:
+                for extra in statuses[1:]:
+                    self._handle_status(extra)
+                return statuses[0]
+        raise _Reconnect(f"timed out waiting for {what}")
+
+    def _scan_statuses(self, data: bytes) -> bool:
+        """Act on the statuses in a frame; True when it also carries market data."""
+        try:
+            elements = _element_decoder.decode(data)
+        except msgspec.DecodeError:
+            return True
+        for e in elements:
+            if e.ev == "status":
+                self._handle_status(Status(e.status, e.message))
+        return any(e.ev != "status" for e in elements)
+
+    def _handle_status(self, status: Status) -> None:
+        kind, message = status.status, status.message
+        if kind == "success" and message.startswith("subscribed to:"):
+            self.acked_topics.add(message.partition(":")[2].strip())
+        elif kind == "max_connections":
+            raise _Reconnect(
+                "max_connections: another client is using this API key; backing off "
+                f"{self.options.max_connections_backoff:g} s so the two do not evict each other",
+                hard=True,
+            )
+        elif kind in ("slow_consumer", "force_disconnect"):
+            self._notice(kind, message)
+            raise _Reconnect(f"{kind}: {message}")
+        elif kind == "auth_failed":
+            raise AuthFailed(f"The feed refused the API key: {message}.")
+        elif kind in ("error", "auth_required", "auth_timeout"):
+            self._notice("error", f"{kind}: {message}")
+        elif kind not in ("success", "connected", "auth_success"):
+            self._notice("status", f"{kind}: {message}")
+
+    def _record_gap(self, start: int, end: int) -> None:
+        for pair in self.pairs:
+            gap = Gap(from_pair(pair), start, end)
+            self.gaps.append(gap)
+        seconds = (end - start) / 1000
+        self._notice("gap", f"{len(self.pairs)} symbols without data for {seconds:.1f} s")
+
+
+def _statuses(data: bytes) -> list[Status]:
+    try:
+        elements = _element_decoder.decode(data)
+    except msgspec.DecodeError:
+        return []
+    return [Status(e.status, e.message) for e in elements if e.ev == "status"]
+
+
+def _close_reason(frame: object) -> str:
+    payload = getattr(frame, "data", b"")
+    if isinstance(payload, bytes) and len(payload) >= 2:
+        code = int.from_bytes(payload[:2], "big")
+        reason = payload[2:].decode("utf-8", "replace")
+        return f" (code {code}{': ' + reason if reason else ''})"
+    return ""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]

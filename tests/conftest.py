@@ -1,0 +1,80 @@
+"""Shared fixtures: a loopback demo feed, and helpers to read a feed client's queue."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from polystream.simulator import DemoFeed
+from polystream.source import EndOfStream, FeedClient, FeedOptions, Frame, Item
+
+API_KEY = "pk_test_SECRET_0123456789"
+
+FAST = FeedOptions(
+    connect_timeout=2.0,
+    handshake_timeout=2.0,
+    ping_interval=0.5,
+    silence_timeout=5.0,
+    backoff_initial=0.05,
+    backoff_max=0.2,
+    max_connections_backoff=1.0,
+    healthy_after=0.5,
+    poll_interval=0.05,
+)
+
+
+@pytest.fixture
+def demo_feed() -> Iterator[DemoFeed]:
+    """A demo feed on a free loopback port that accepts only `API_KEY`."""
+    with DemoFeed(api_key=API_KEY, bar_seconds=0.05, seed=7) as feed:
+        yield feed
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., FeedClient]]:
+    """Build feed clients with fast timings; every one is stopped at the end of the test."""
+    clients: list[FeedClient] = []
+
+    def make(
+        url: str,
+        pairs: list[str] | None = None,
+        key: str = API_KEY,
+        channels: tuple[str, ...] = ("XT", "XQ"),
+        **overrides: float,
+    ) -> FeedClient:
+        opts = FeedOptions(**{**{f: getattr(FAST, f) for f in FAST.__struct_fields__}, **overrides})
+        client = FeedClient(url, key, pairs or ["BTC-USD"], channels, options=opts)
+        clients.append(client)
+        return client.start()
+
+    yield make
+    for c in clients:
+        c.stop()
+    for c in clients:
+        deadline = time.monotonic() + 5
+        while not c.join(0.05) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):  # a consumer always drains at shutdown
+                while True:
+                    c.queue.get_nowait()
+        assert c.join(0), "feed client did not stop"
+
+
+def collect(
+    client: FeedClient, until: Callable[[list[Item]], bool], timeout: float = 10.0
+) -> list[Item]:
+    """Read the client's queue until `until(items)` holds; fail after `timeout` seconds."""
+    items: list[Item] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            items.append(client.queue.get(timeout=0.05))
+        if until(items):
+            return items
+        if items and isinstance(items[-1], EndOfStream):
+            break
+    seen = [getattr(i, "event", type(i).__name__) for i in items if not isinstance(i, Frame)]
+    raise AssertionError(f"condition not met after {timeout} s; saw {seen}")

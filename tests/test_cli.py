@@ -1,0 +1,226 @@
+"""The command line as users run it: a real process, the loopback demo feed, exit codes, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import API_KEY
+from polystream.simulator import DemoFeed
+
+
+def env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("POLYGON_", "MASSIVE_", "TELEGRAM_", "DATABASE_URL"))
+    }
+    clean.update({"POLYSTREAM_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "120", **extra})
+    return clean
+
+
+def run(
+    tmp_path: Path, *args: str, timeout: float = 60, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "polystream", *args],
+        cwd=tmp_path,
+        env=env(tmp_path, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def records(stdout: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def assert_one_sentence_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("polystream: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[-1]
+
+
+def test_demo_json_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    result = run(tmp_path, "demo", "--no-ui", "--json", "--duration", "3")
+    assert result.returncode == 0, result.stderr
+    recs = records(result.stdout)
+    assert all(r["type"] == "status" for r in recs)
+    events = [r["event"] for r in recs]
+    assert events[:3] == ["connected", "authenticated", "subscribed"]
+    assert all(isinstance(r["time"], int) and r["time"] > 1_600_000_000_000 for r in recs)
+    summary = result.stderr.strip().splitlines()[-1]
+    assert int(summary.split()[0].replace(",", "")) > 100, summary
+
+
+def test_dashboard_renders_symbols_and_footer(tmp_path: Path) -> None:
+    result = run(tmp_path, "demo", "--duration", "2")
+    assert result.returncode == 0, result.stderr
+    screen = result.stderr
+    for text in ("X:BTCUSD", "X:ETHUSD", "last", "spread", "events/s", "reconnects", "queue"):
+        assert text in screen
+
+
+def test_auth_failed_exits_1_with_one_sentence_and_no_key(tmp_path: Path) -> None:
+    with DemoFeed(auth_failed=True) as feed:
+        result = run(
+            tmp_path,
+            "watch",
+            "X:BTCUSD",
+            "--feed",
+            feed.url,
+            "--no-ui",
+            "--json",
+            POLYGON_API_KEY=API_KEY,
+        )
+        assert feed.connections == 1
+    assert_one_sentence_error(result, "refused the API key")
+    assert API_KEY not in result.stdout + result.stderr
+
+
+def test_debug_adds_the_traceback_but_never_the_key(tmp_path: Path) -> None:
+    with DemoFeed(auth_failed=True) as feed:
+        result = run(
+            tmp_path,
+            "--debug",
+            "watch",
+            "X:BTCUSD",
+            "--feed",
+            feed.url,
+            "--no-ui",
+            POLYGON_API_KEY=API_KEY,
+        )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("polystream: error: ")
+    assert API_KEY not in result.stdout + result.stderr
+
+
+def test_key_is_redacted_in_debug_logs(tmp_path: Path) -> None:
+    with DemoFeed(api_key=API_KEY) as feed:
+        result = run(
+            tmp_path,
+            "--debug",
+            "watch",
+            "btc-usd",
+            "--feed",
+            feed.url,
+            "--no-ui",
+            "--json",
+            "--duration",
+            "1.5",
+            POLYGON_API_KEY=API_KEY,
+        )
+    assert result.returncode == 0, result.stderr
+    assert API_KEY not in result.stdout + result.stderr
+    assert "authenticated" in result.stdout
+
+
+def test_malformed_frames_are_counted_and_the_run_goes_on(tmp_path: Path) -> None:
+    with DemoFeed(malformed_every=2, bar_seconds=0.05) as feed:
+        result = run(
+            tmp_path,
+            "watch",
+            "X:BTCUSD",
+            "--feed",
+            feed.url,
+            "--no-ui",
+            "--duration",
+            "2",
+            POLYGON_API_KEY=API_KEY,
+        )
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.strip().splitlines()[-1]
+    malformed = int(summary.split("rejected, ")[1].split()[0])
+    rejected = int(summary.split(" frames; ")[1].split()[0])
+    assert malformed + rejected > 0, summary
+    assert int(summary.split()[0].replace(",", "")) > 0
+
+
+def test_ctrl_c_drains_and_exits_130(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polystream", "demo", "--no-ui", "--json"],
+        cwd=tmp_path,
+        env=env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen.append(line)
+        if '"subscribed"' in line:
+            break
+    time.sleep(1.0)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 8
+    assert "Traceback" not in err
+    assert "events in" in err  # the orderly-stop summary
+    for line in out.splitlines():
+        json.loads(line)  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["watch", "X:BTCUSD", "--feed", "demo", "-t", "7m"], ["--timeframe", "7m"]),
+        (["watch", "BTC", "--feed", "demo"], ["Unknown symbol form"]),
+        (["watch", "X:BTCUSD", "--feed", "demo", "--channels", "XT,XX"], ["--channels"]),
+        (["watch", "X:BTCUSD"], ["POLYGON_API_KEY"]),
+        (["watch", "X:BTCUSD", "--feed", "nothing-here.rec"], ["--feed"]),
+        (["watch", "X:BTCUSD", "--feed", "ws://"], ["--feed"]),
+    ],
+)
+def test_user_errors_are_one_sentence(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    assert_one_sentence_error(run(tmp_path, *args), *words)
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    result = run(tmp_path, "watch", "X:BTCUSD", POLYGON_WS_URL="http://nope")
+    assert_one_sentence_error(result, "POLYGON_WS_URL")
+
+
+def test_bad_usage_exits_2(tmp_path: Path) -> None:
+    assert run(tmp_path, "watch", "X:BTCUSD", "--no-such-option").returncode == 2
+    assert run(tmp_path, "watch").returncode == 2
+
+
+def test_record_then_replay(tmp_path: Path) -> None:
+    rec = tmp_path / "session.rec.gz"
+    first = run(
+        tmp_path,
+        "watch",
+        "X:BTCUSD",
+        "--feed",
+        "demo",
+        "--record",
+        str(rec),
+        "--duration",
+        "2",
+        "--no-ui",
+    )
+    assert first.returncode == 0, first.stderr
+    recorded_events = int(first.stderr.strip().splitlines()[-1].split()[0].replace(",", ""))
+    assert recorded_events > 0
+    replay = run(tmp_path, "watch", "X:BTCUSD", "--feed", str(rec), "--no-ui", "--json")
+    assert replay.returncode == 0, replay.stderr
+    replayed_events = int(replay.stderr.strip().splitlines()[-1].split()[0].replace(",", ""))
+    assert replayed_events == recorded_events
+    assert [r["event"] for r in records(replay.stdout)][:1] == ["connected"]

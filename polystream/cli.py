@@ -20,6 +20,7 @@ from .config import (
     check_url,
     load_settings,
     parse_channels,
+    parse_duration,
     parse_timeframe,
 )
 from .errors import ConfigError, PolystreamError
@@ -28,6 +29,7 @@ from .record import Recorder, ReplaySource
 from .simulator import DemoFeed
 from .source import FeedClient, FeedOptions
 from .symbols import normalize, to_pair
+from .window import BarOptions
 
 app = typer.Typer(
     name="polystream",
@@ -109,6 +111,15 @@ def watch(
         list[str], typer.Option("--timeframe", "-t", help="Bar timeframe; repeatable.")
     ] = ["1m"],  # noqa: B006  (typer reads the default; it is never mutated)
     channels: Annotated[str, typer.Option(help="Comma-separated: XT,XQ,XA,XAS,XL2.")] = "XT,XQ",
+    bars: Annotated[
+        str, typer.Option(help="Bar source: trades, or polygon (the feed's XA/XAS aggregates).")
+    ] = "trades",
+    lateness: Annotated[
+        str, typer.Option(help="How long a bar waits for late trades before it is final.")
+    ] = "2s",
+    revision_horizon: Annotated[
+        str, typer.Option(help="Trades later than lateness but within this revise the bar.")
+    ] = "60s",
     no_ui: Annotated[bool, typer.Option("--no-ui", help="No dashboard; plain lines.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")] = False,
     duration: Annotated[
@@ -122,13 +133,22 @@ def watch(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the demo feed.")] = 0,
 ) -> None:
-    """Live feed -> dashboard, JSON records and recordings."""
+    """Live feed -> bars, indicators, dashboard, JSON records and recordings."""
     settings = _settings()
     normalized = [normalize(s) for s in dict.fromkeys(symbols)]
     pairs = [to_pair(s) for s in normalized]
-    for tf in timeframe:
-        parse_timeframe(tf)
+    timeframes = tuple(dict.fromkeys(parse_timeframe(tf) for tf in timeframe))
     chans = parse_channels(channels)
+    if bars not in ("trades", "polygon"):
+        raise ConfigError(f"Unknown bar source {bars!r} for --bars: use trades or polygon.")
+    if bars == "polygon":
+        needed = {"XA"} if min(timeframes) >= 60_000 else {"XA", "XAS"}
+        chans = tuple(dict.fromkeys([*chans, *sorted(needed)]))
+    bar_options = BarOptions(
+        timeframes=timeframes,
+        lateness=int(parse_duration(lateness, "--lateness") * 1000),
+        horizon=int(parse_duration(revision_horizon, "--revision-horizon") * 1000),
+    )
     if speed is not None and speed <= 0:
         raise ConfigError(f"Invalid --speed {speed:g}: give a positive multiple of real time.")
     with contextlib.ExitStack() as stack:
@@ -138,7 +158,15 @@ def watch(
             outputs.append(display.JsonLines())
         outputs.append(display.TextLog() if no_ui else display.Dashboard())
         recorder = Recorder(record) if record is not None else None
-        pipeline = Pipeline(source, normalized, outputs, recorder=recorder)
+        pipeline = Pipeline(
+            source,
+            normalized,
+            outputs,
+            bars=bar_options,
+            bar_source=bars,
+            live=not isinstance(source, ReplaySource),
+            recorder=recorder,
+        )
         result = pipeline.run(duration)
     if result.interrupted:
         raise typer.Exit(130)
@@ -146,6 +174,9 @@ def watch(
 
 @app.command()
 def demo(
+    timeframe: Annotated[
+        list[str], typer.Option("--timeframe", "-t", help="Bar timeframe; repeatable.")
+    ] = ["1s", "1m"],  # noqa: B006  (typer reads the default; it is never mutated)
     no_ui: Annotated[bool, typer.Option("--no-ui", help="No dashboard; plain lines.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")] = False,
     duration: Annotated[
@@ -158,7 +189,7 @@ def demo(
     watch(
         ["X:BTCUSD", "X:ETHUSD"],
         feed="demo",
-        timeframe=["1m"],
+        timeframe=timeframe,
         channels="XT,XQ",
         no_ui=no_ui,
         json_out=json_out,
@@ -167,6 +198,25 @@ def demo(
         speed=None,
         seed=seed,
     )
+
+
+@app.command()
+def analyze(
+    file: Annotated[Path, typer.Argument(help="OHLCV bars: CSV or Parquet.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write CSV or Parquet (by suffix).")
+    ] = None,
+) -> None:
+    """Offline: OHLCV bars from a file -> the same indicator columns as `watch`."""
+    from . import analyze as offline
+
+    _settings()
+    frame = offline.analyze(file)
+    if output is None:
+        display.print_frame(frame, title=str(file))
+    else:
+        offline.write_output(frame, output)
+        display.stderr_console.print(f"wrote {frame.height:,} bars to {output}")
 
 
 @app.command()

@@ -11,6 +11,7 @@ from collections import deque
 from typing import IO
 
 import msgspec
+import polars as pl
 from rich.console import Console, Group
 from rich.live import Live
 from rich.logging import RichHandler
@@ -90,6 +91,50 @@ def _age(state: SymbolState, now_ms: int) -> str:
     return f"{max(0, now_ms - state.last_event_ms) / 1000:.1f}s"
 
 
+def _level(value: float | None, low: float, high: float, digits: int = 1) -> Text:
+    """A value coloured as oversold (green, below `low`) or overbought (red, above `high`)."""
+    if value is None:
+        return Text("…", style="dim")
+    style = "bold green" if value < low else "bold red" if value > high else ""
+    return Text(f"{value:.{digits}f}", style=style)
+
+
+def _signed(value: float | None) -> Text:
+    if value is None:
+        return Text("…", style="dim")
+    return Text(f"{value:+.4g}", style="green" if value > 0 else "red" if value < 0 else "")
+
+
+def _flow(buy: float | None, sell: float | None) -> Text:
+    if not buy and not sell:
+        return Text("—", style="dim")
+    share = (buy or 0.0) / ((buy or 0.0) + (sell or 0.0))
+    return Text(f"{share:.0%} buy", style="green" if share > 0.5 else "red" if share < 0.5 else "")
+
+
+def _percent_b(bar: dict[str, object]) -> float | None:
+    upper, lower, close = bar.get("bb_upper"), bar.get("bb_lower"), bar.get("close")
+    if not isinstance(upper, float) or not isinstance(lower, float) or not isinstance(close, float):
+        return None
+    return 0.5 if upper == lower else (close - lower) / (upper - lower)
+
+
+def bar_line(row: dict[str, object]) -> str:
+    """One bar as a plain line for `--no-ui`."""
+    start = row["start"]
+    stamp = time.strftime("%H:%M:%S", time.gmtime(start / 1000)) if isinstance(start, int) else "?"
+    rsi = next((v for k, v in row.items() if k.startswith("rsi_")), None)
+    rsi_text = f"{rsi:.1f}" if isinstance(rsi, float) else "…"
+    close = row["close"]
+    volume = row["volume"]
+    return (
+        f"{stamp} {row['symbol']} {row['timeframe']} {row['state']}: close "
+        f"{fmt_price(close if isinstance(close, float) else None)} volume "
+        f"{fmt_size(volume if isinstance(volume, float) else None)} trades {row['trades']} "
+        f"RSI {rsi_text}"
+    )
+
+
 class JsonLines:
     """Machine-readable output: one JSON object per line on stdout (DESIGN §1)."""
 
@@ -105,6 +150,11 @@ class JsonLines:
         self.write(
             {"type": "status", "event": notice.event, "time": notice.time, "detail": notice.detail}
         )
+
+    def bars(self, records: pl.DataFrame) -> None:
+        text = records.select(pl.lit("bar").alias("type"), pl.all()).write_ndjson()
+        self._out.write(text.encode())
+        self._out.flush()
 
     def refresh(self, snapshot: Snapshot) -> None:
         pass
@@ -123,17 +173,23 @@ class TextLog:
         stamp = time.strftime("%H:%M:%S", time.gmtime(notice.time / 1000))
         style = _NOTICE_STYLE.get(notice.event, "")
         detail = f" {notice.detail}" if notice.detail else ""
-        self._console.print(Text(f"{stamp} {notice.event}{detail}", style=style))
+        self._console.print(Text(f"{stamp} {notice.event}{detail}", style=style), soft_wrap=True)
+
+    def bars(self, records: pl.DataFrame) -> None:
+        for row in records.iter_rows(named=True):
+            self._console.print(bar_line(row), highlight=False, soft_wrap=True)
 
     def refresh(self, snapshot: Snapshot) -> None:
         pass
 
     def close(self, snapshot: Snapshot) -> None:
         f = snapshot.feed
-        self._console.print(
+        summary = (
             f"{f.events:,} events in {f.frames:,} frames; {f.rejected} rejected, "
-            f"{f.malformed_frames} malformed frames; {f.reconnects} reconnects; {f.gaps} gaps"
+            f"{f.malformed_frames} malformed frames; {f.reconnects} reconnects; {f.gaps} gaps; "
+            f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late"
         )
+        self._console.print(summary, soft_wrap=True)
 
 
 class Dashboard:
@@ -148,6 +204,9 @@ class Dashboard:
 
     def status(self, notice: Notice) -> None:
         self._notices.append(notice)
+
+    def bars(self, records: pl.DataFrame) -> None:
+        pass  # the latest bar per symbol arrives with each snapshot
 
     def refresh(self, snapshot: Snapshot) -> None:
         if not self._started:
@@ -188,7 +247,7 @@ class Dashboard:
                 f"{s.rate:,.0f}",
                 _age(s, snapshot.now_ms),
             )
-        parts: list[Table | Panel | Text] = [table]
+        parts: list[Table | Panel | Text] = [table, self._bar_table(snapshot)]
         if self._notices:
             lines = Text()
             for n in self._notices:
@@ -200,6 +259,61 @@ class Dashboard:
         parts.append(self._footer(snapshot))
         return Group(*parts)
 
+    def _bar_table(self, snapshot: Snapshot) -> Table:
+        table = Table(expand=True, title=f"{snapshot.timeframe} bars", title_style="bold")
+        for name in (
+            "symbol",
+            "bar",
+            "close",
+            "volume",
+            "buy/sell",
+            "RSI",
+            "%K",
+            "%D",
+            "MACD hist",
+            "AO",
+            "CCI",
+            "BB %B",
+            "state",
+        ):
+            table.add_column(
+                name, justify="left" if name in ("symbol", "bar", "state") else "right"
+            )
+        for s in snapshot.symbols:
+            b = s.bar
+            if b is None:
+                table.add_row(
+                    Text(s.symbol, style="bold"),
+                    *(["—"] * 11),
+                    Text("waiting for the first bar", style="dim"),
+                )
+                continue
+            rsi = b.get(next((k for k in b if k.startswith("rsi_")), ""), None)
+            cci = b.get(next((k for k in b if k.startswith("cci_")), ""), None)
+            keys = list(b)
+            warming = any(b[k] is None for k in keys[keys.index("state") + 1 :])
+            state = (
+                Text(f"warming {s.bars}/{snapshot.warmup}", style="yellow")
+                if warming
+                else Text(b["state"], style="dim" if b["state"] == "final" else "cyan")
+            )
+            table.add_row(
+                Text(s.symbol, style="bold"),
+                time.strftime("%H:%M:%S", time.gmtime(b["start"] / 1000)),
+                fmt_price(b["close"]),
+                fmt_size(b["volume"]),
+                _flow(b.get("buy_volume"), b.get("sell_volume")),
+                _level(rsi, 30, 70),
+                _level(b.get("stoch_k"), 20, 80),
+                _level(b.get("stoch_d"), 20, 80),
+                _signed(b.get("macd_hist")),
+                _signed(b.get("ao")),
+                _level(cci, -100, 100),
+                _level(_percent_b(b), 0, 1, digits=2),
+                state,
+            )
+        return table
+
     def _footer(self, snapshot: Snapshot) -> Text:
         f = snapshot.feed
         text = Text()
@@ -207,5 +321,27 @@ class Dashboard:
         text.append(
             f"  reconnects {f.reconnects}  lag {f.lag_ms} ms  queue {f.queue_depth}/{f.queue_size}"
             f"  events {f.events:,}  rejected {f.rejected + f.malformed_frames}  gaps {f.gaps}"
+            f"  bars {f.bars:,}  revised {f.revised}  late {f.too_late}"
         )
+        if f.drift:
+            text.append(f"\n drift vs trade-built bars: {f.drift}", style="dim")
         return text
+
+
+def print_frame(frame: pl.DataFrame, title: str, rows: int = 40) -> None:
+    """A table of the last `rows` rows of a frame, on stdout (for `analyze` without -o)."""
+    console = Console(highlight=False)
+    table = Table(title=f"{title}: last {min(rows, frame.height)} of {frame.height:,} bars")
+    for name in frame.columns:
+        table.add_column(name, justify="right")
+    for row in frame.tail(rows).iter_rows():
+        table.add_row(*(_cell(v) for v in row))
+    console.print(table)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "…"
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1e6 else f"{value:,.2f}"
+    return str(value)

@@ -1,8 +1,9 @@
-"""The pipeline, on the main thread: drains a source's queue in batches, decodes, keeps per-symbol
-state and hands status records and snapshots to the outputs. The only module importing every stage.
+"""The pipeline, on the main thread: drains a source's queue in batches, decodes, turns events
+into columnar micro-batches, builds bars and indicators, and hands records and snapshots to the
+outputs. The only module that imports every stage.
 
-Ctrl-C (KeyboardInterrupt) stops the source, drains what it already delivered, and returns a result
-with `interrupted` set; the CLI turns that into exit code 130.
+Ctrl-C (KeyboardInterrupt) stops the source, drains what it already delivered, emits the open
+bars as `partial`, and returns a result with `interrupted` set; the CLI makes that exit 130.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
+import polars as pl
 
+from .batch import Batch, Batcher
+from .config import timeframe_name
 from .decode import Decoder
 from .errors import FeedError, PolystreamError
-from .events import SIDE_UNKNOWN, Aggregate, FairValue, Quote, Status, Trade
+from .events import SIDE_UNKNOWN
 from .record import Recorder
 from .source import EndOfStream, Frame, Gap, Item, Notice
-from .symbols import from_pair
+from .window import BarEngine, BarOptions
 
 
 class SymbolState(msgspec.Struct):
@@ -36,6 +40,8 @@ class SymbolState(msgspec.Struct):
     events: int = 0
     rate: float = 0.0
     last_event_ms: int | None = None
+    bar: dict[str, Any] | None = None
+    bars: int = 0
 
     @property
     def spread(self) -> float | None:
@@ -58,6 +64,10 @@ class FeedState(msgspec.Struct):
     malformed_frames: int = 0
     other_symbols: int = 0
     gaps: int = 0
+    bars: int = 0
+    revised: int = 0
+    too_late: int = 0
+    drift: str = ""
 
 
 class Snapshot(msgspec.Struct):
@@ -66,12 +76,16 @@ class Snapshot(msgspec.Struct):
     now_ms: int
     symbols: list[SymbolState]
     feed: FeedState
+    timeframe: str = "1m"
+    warmup: int = 0
 
 
 class Output(Protocol):
     """Where the pipeline sends what users see (dashboard, JSON lines, plain log)."""
 
     def status(self, notice: Notice) -> None: ...
+
+    def bars(self, records: pl.DataFrame) -> None: ...
 
     def refresh(self, snapshot: Snapshot) -> None: ...
 
@@ -96,6 +110,15 @@ class Source(Protocol):
     def join(self, timeout: float | None = None) -> bool: ...
 
 
+class Drift(msgspec.Struct):
+    """Running comparison of the feed's aggregates with trade-built bars."""
+
+    matched: int = 0
+    close_sum: float = 0.0
+    close_max: float = 0.0
+    volume_sum: float = 0.0
+
+
 class RunResult(msgspec.Struct):
     """How a run ended."""
 
@@ -104,7 +127,12 @@ class RunResult(msgspec.Struct):
 
 
 class Pipeline:
-    """Runs one source to its end, a duration, or Ctrl-C; see the module docstring."""
+    """Runs one source to its end, a duration, or Ctrl-C; see the module docstring.
+
+    `live` sources let the wall clock close quiet bars; replays use recorded receipt times only.
+    With `bar_source="polygon"` bars come from the feed's XA/XAS aggregates, and when trades are
+    also subscribed the drift between the two is measured.
+    """
 
     def __init__(
         self,
@@ -112,26 +140,42 @@ class Pipeline:
         symbols: Sequence[str],
         outputs: Sequence[Output] = (),
         *,
+        bars: BarOptions | None = None,
+        bar_source: str = "trades",
+        live: bool = True,
         recorder: Recorder | None = None,
+        batcher: Batcher | None = None,
         clock: Callable[[], float] = time.time,
-        max_batch: int = 2_000,
+        max_items: int = 2_000,
         refresh_every: float = 0.25,
         drain_timeout: float = 5.0,
     ) -> None:
         self.source = source
         self.symbols = {s: SymbolState(s) for s in symbols}
+        self._watched = pl.Series(list(self.symbols), dtype=pl.String)
         self.outputs = list(outputs)
         self.recorder = recorder
         self.decoder = Decoder()
+        self.batcher = batcher or Batcher()
+        self.engine = BarEngine(bars)
+        self.bar_source = bar_source
+        self._shadow = BarEngine(bars) if bar_source == "polygon" else None
+        self._drift = Drift()
+        self._agg_seen: dict[tuple[str, str, int], tuple[float, float]] = {}
+        self._trade_seen: dict[tuple[str, str, int], tuple[float, float]] = {}
+        self.live = live
         self.feed = FeedState(queue_size=source.queue.maxsize)
         self._clock = clock
-        self._max_batch = max_batch
+        self._max_items = max_items
         self._refresh_every = refresh_every
         self._drain_timeout = drain_timeout
         self._counted_at = 0.0
         self._counted: dict[str, int] = {}
         self._ended = False
         self._error: PolystreamError | None = None
+        options = self.engine.options
+        self._primary = options.timeframes[0]
+        self._warmup = options.params.warmup
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -145,7 +189,19 @@ class Pipeline:
         stats = self.decoder.stats
         feed.frames, feed.events = stats.frames, stats.events
         feed.rejected, feed.malformed_frames = stats.rejected_events, stats.malformed_frames
-        return Snapshot(self._now_ms(), list(self.symbols.values()), feed)
+        bar_stats = self.engine.stats
+        feed.bars, feed.revised, feed.too_late = (
+            bar_stats.final,
+            bar_stats.revised,
+            bar_stats.too_late,
+        )
+        return Snapshot(
+            self._now_ms(),
+            list(self.symbols.values()),
+            feed,
+            timeframe_name(self._primary),
+            self._warmup,
+        )
 
     def run(self, duration: float | None = None) -> RunResult:
         """Process until the source ends, `duration` seconds pass, or Ctrl-C."""
@@ -178,67 +234,186 @@ class Pipeline:
             except KeyboardInterrupt:
                 break
         self.source.join(timeout=max(0.0, drain_until - time.monotonic()))
+        self._flush()
+        if self.live:
+            self._bars(self.engine.partial())
         if self.recorder is not None:
             self.recorder.close()
+        if self._shadow is not None:
+            notice = Notice("drift", self._now_ms(), self.drift() or "no bars to compare")
+            for out in self.outputs:
+                out.status(notice)
         snap = self.snapshot()
         for out in self.outputs:
             out.close(snap)
 
     def _step(self, timeout: float) -> None:
-        """Take one batch off the queue: wait for the first item, then what is already there."""
+        """Take what the queue holds (waiting for the first item), then flush when owed."""
         q = self.source.queue
         try:
             item = q.get(timeout=timeout)
         except queue.Empty:
+            self._idle()
             return
-        batch = [item]
-        while len(batch) < self._max_batch:
+        items = [item]
+        while len(items) < self._max_items:
             try:
-                batch.append(q.get_nowait())
+                items.append(q.get_nowait())
             except queue.Empty:
                 break
-        for item in batch:
+        for item in items:
             if isinstance(item, Frame):
-                self._frame(item)
+                if self.recorder is not None:
+                    self.recorder.write(item)
+                self.batcher.add(self.decoder.decode(item.data), item.received)
+                if self.batcher.due():
+                    self._flush()
             elif isinstance(item, Notice):
                 for out in self.outputs:
                     out.status(item)
             else:
                 self._end(item)
-        last = batch[-1]
+        last = items[-1]
         if isinstance(last, Frame):
             self.feed.lag_ms = max(0, self._now_ms() - last.received)
+        if q.empty():
+            self._idle()
+
+    def _idle(self) -> None:
+        """Nothing is waiting: flush what is old enough and, live, let the clock close bars."""
+        if self.batcher.due():
+            self._flush()
+        if self.live and not self._ended:
+            self._bars(self.engine.advance(self._now_ms()))
+            if self._shadow is not None:
+                self._compare(self._shadow.advance(self._now_ms()))
 
     def _end(self, item: EndOfStream) -> None:
         self._ended = True
+        self._flush()
+        if not self.live:  # a replay's end makes every open bar final; a live stop does not
+            self._bars(self.engine.finish())
+            if self._shadow is not None:
+                self._compare(self._shadow.finish())
         if item.error is not None:
             fatal = self.source.fatal
             self._error = fatal if isinstance(fatal, PolystreamError) else FeedError(item.error)
 
-    def _frame(self, frame: Frame) -> None:
-        if self.recorder is not None:
-            self.recorder.write(frame)
-        symbols = self.symbols
-        for ev in self.decoder.decode(frame.data):
-            if isinstance(ev, Status):
+    def _flush(self) -> None:
+        if not len(self.batcher):
+            return
+        batch = self.batcher.flush()
+        watched = self._watched
+        trades = batch.trades.filter(pl.col("symbol").is_in(watched))
+        quotes = batch.quotes.filter(pl.col("symbol").is_in(watched))
+        self.feed.other_symbols += (
+            batch.trades.height - trades.height + batch.quotes.height - quotes.height
+        )
+        self._track(trades, quotes, batch)
+        if self.bar_source == "polygon":
+            aggs = batch.aggregates.filter(pl.col("symbol").is_in(watched))
+            self._bars(self.engine.add_aggregates(aggs))
+            if self._shadow is not None:
+                self._compare(self._shadow.add_trades(trades))
+        else:
+            self._bars(self.engine.add_trades(trades))
+
+    def _track(self, trades: pl.DataFrame, quotes: pl.DataFrame, batch: Batch) -> None:
+        """Dashboard state from a batch: the last trade and quote per symbol, event counts."""
+        if trades.height:
+            last = trades.group_by("symbol").agg(
+                pl.col("price").last(),
+                pl.col("size").last(),
+                pl.col("side").last(),
+                pl.col("time").max(),
+                pl.len().alias("n"),
+            )
+            for sym, price, size, side, t, n in last.iter_rows():
+                st = self.symbols[sym]
+                st.last_price, st.last_size, st.last_side = price, size, side
+                st.trades += n
+                st.events += n
+                st.last_event_ms = max(st.last_event_ms or 0, t)
+        if quotes.height:
+            last = quotes.group_by("symbol").agg(
+                pl.col("bid").last(),
+                pl.col("ask").last(),
+                pl.col("time").max(),
+                pl.len().alias("n"),
+            )
+            for sym, bid, ask, t, n in last.iter_rows():
+                st = self.symbols[sym]
+                st.bid, st.ask = bid, ask
+                st.quotes += n
+                st.events += n
+                st.last_event_ms = max(st.last_event_ms or 0, t)
+        for sym, _book in batch.books:
+            book_state = self.symbols.get(sym)
+            if book_state is not None:
+                book_state.events += 1
+
+    def _bars(self, records: pl.DataFrame) -> None:
+        if records.height == 0:
+            return
+        if self._shadow is not None:
+            self._match(records, self._agg_seen, self._trade_seen)
+            self.feed.drift = self.drift()
+        for out in self.outputs:
+            out.bars(records)
+        primary = records.filter(pl.col("end") - pl.col("start") == self._primary)
+        for row in primary.iter_rows(named=True):
+            st = self.symbols.get(row["symbol"])
+            if st is None:
                 continue
-            state = symbols.get(from_pair(ev.sym if isinstance(ev, FairValue) else ev.pair))
-            if state is None:
-                self.feed.other_symbols += 1
+            if row["state"] == "final":
+                st.bars += 1
+            if st.bar is None or row["start"] >= st.bar["start"]:
+                st.bar = row
+
+    def _compare(self, trade_bars: pl.DataFrame) -> None:
+        self._match(trade_bars, self._trade_seen, self._agg_seen)
+
+    def _match(
+        self,
+        records: pl.DataFrame,
+        mine: dict[tuple[str, str, int], tuple[float, float]],
+        other: dict[tuple[str, str, int], tuple[float, float]],
+    ) -> None:
+        """Pair trade-built and feed-built bars of the same key and accumulate their drift."""
+        rows = records.filter(pl.col("state") != "partial").select(
+            "symbol", "timeframe", "start", "close", "volume"
+        )
+        d = self._drift
+        for sym, tf, start, close, volume in rows.iter_rows():
+            key = (sym, tf, start)
+            theirs = other.pop(key, None)
+            if theirs is None:
+                mine[key] = (close, volume)
                 continue
-            state.events += 1
-            if isinstance(ev, Trade):
-                state.last_price, state.last_size, state.last_side = ev.price, ev.size, ev.side
-                state.trades += 1
-                state.last_event_ms = ev.time
-            elif isinstance(ev, Quote):
-                state.bid, state.ask = ev.bid, ev.ask
-                state.quotes += 1
-                state.last_event_ms = ev.time
-            elif isinstance(ev, Aggregate):
-                state.last_event_ms = max(state.last_event_ms or 0, ev.end)
-            else:
-                state.last_event_ms = max(state.last_event_ms or 0, ev.time)
+            agg, trade = (
+                ((close, volume), theirs) if mine is self._agg_seen else (theirs, (close, volume))
+            )
+            if trade[0]:
+                rel = abs(agg[0] - trade[0]) / abs(trade[0])
+                d.matched += 1
+                d.close_sum += rel
+                d.close_max = max(d.close_max, rel)
+            if trade[1]:
+                d.volume_sum += abs(agg[1] - trade[1]) / trade[1]
+        for seen in (mine, other):
+            while len(seen) > 10_000:  # pairs that never meet are forgotten, oldest first
+                seen.pop(next(iter(seen)))
+
+    def drift(self) -> str:
+        """How far the feed's aggregates are from trade-built bars, as a sentence fragment."""
+        d = self._drift
+        if not d.matched:
+            return ""
+        return (
+            f"{d.matched} bars compared: close differs by {d.close_sum / d.matched:.4%} "
+            f"on average ({d.close_max:.4%} at most), volume by "
+            f"{d.volume_sum / d.matched:.2%}"
+        )
 
     def _refresh(self) -> None:
         now = time.monotonic()

@@ -39,6 +39,36 @@ def run(
     )
 
 
+BAR_KEYS = [
+    "type",
+    "symbol",
+    "timeframe",
+    "start",
+    "end",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "vwap",
+    "trades",
+    "buy_volume",
+    "sell_volume",
+    "state",
+    "rsi_14",
+    "stoch_k",
+    "stoch_d",
+    "macd",
+    "macd_signal",
+    "macd_hist",
+    "ao",
+    "cci_20",
+    "bb_upper",
+    "bb_middle",
+    "bb_lower",
+]
+
+
 def records(stdout: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
@@ -56,10 +86,18 @@ def test_demo_json_runs_the_whole_pipeline(tmp_path: Path) -> None:
     result = run(tmp_path, "demo", "--no-ui", "--json", "--duration", "3")
     assert result.returncode == 0, result.stderr
     recs = records(result.stdout)
-    assert all(r["type"] == "status" for r in recs)
-    events = [r["event"] for r in recs]
-    assert events[:3] == ["connected", "authenticated", "subscribed"]
-    assert all(isinstance(r["time"], int) and r["time"] > 1_600_000_000_000 for r in recs)
+    statuses = [r for r in recs if r["type"] == "status"]
+    bars = [r for r in recs if r["type"] == "bar"]
+    assert len(statuses) + len(bars) == len(recs)
+    assert [r["event"] for r in statuses][:3] == ["connected", "authenticated", "subscribed"]
+    assert all(isinstance(r["time"], int) and r["time"] > 1_600_000_000_000 for r in statuses)
+    assert list(bars[0]) == BAR_KEYS
+    final = [b for b in bars if b["timeframe"] == "1s" and b["state"] == "final"]
+    assert final, bars
+    assert all(b["end"] - b["start"] == 1000 for b in final)
+    assert {b["symbol"] for b in final} == {"X:BTCUSD", "X:ETHUSD"}
+    # a live stop emits the open bars as partial
+    assert any(b["state"] == "partial" for b in bars)
     summary = result.stderr.strip().splitlines()[-1]
     assert int(summary.split()[0].replace(",", "")) > 100, summary
 
@@ -223,4 +261,8 @@ def test_record_then_replay(tmp_path: Path) -> None:
     assert replay.returncode == 0, replay.stderr
     replayed_events = int(replay.stderr.strip().splitlines()[-1].split()[0].replace(",", ""))
     assert replayed_events == recorded_events
-    assert [r["event"] for r in records(replay.stdout)][:1] == ["connected"]
+    recs = records(replay.stdout)
+    assert [r["event"] for r in recs if r["type"] == "status"][:1] == ["connected"]
+    # the end of a replay makes every bar final: no partial bars
+    bars = [r for r in recs if r["type"] == "bar"]
+    assert bars and all(b["state"] == "final" for b in bars)

@@ -1,0 +1,436 @@
+"""Oscillators over bar series as polars expressions, equal to TA-Lib 0.8 (pipeline thread).
+
+`compute(bars)` adds the indicator columns to a whole series (open, high, low, close...).
+`IndicatorState` does the same for a stream of final bars: it keeps a short tail of history with
+the recursive states (EMAs, Wilder averages) and computes only new or revised rows.
+
+Every value depends only on its window and on the previous recursive state, in a fixed order of
+arithmetic: rolling sums are written as explicit sums of shifted columns rather than sliding
+sums, so results do not depend on how the stream was cut into batches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import msgspec
+import polars as pl
+
+BAR_COLUMNS = ("open", "high", "low", "close")
+
+
+class IndicatorParams(msgspec.Struct, frozen=True):
+    """Indicator parameters; the defaults are DESIGN §4's."""
+
+    rsi: int = 14
+    stoch_k: int = 14
+    stoch_slow_k: int = 3
+    stoch_d: int = 3
+    macd_fast: int = 12
+    macd_slow: int = 26
+    macd_signal: int = 9
+    ao_fast: int = 5
+    ao_slow: int = 34
+    cci: int = 20
+    cci_constant: float = 0.015
+    bb: int = 20
+    bb_k: float = 2.0
+    sma: tuple[int, ...] = ()
+    ema: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        periods = [
+            self.rsi,
+            self.stoch_k,
+            self.stoch_slow_k,
+            self.stoch_d,
+            self.macd_fast,
+            self.macd_slow,
+            self.macd_signal,
+            self.ao_fast,
+            self.ao_slow,
+            self.cci,
+            self.bb,
+            *self.sma,
+            *self.ema,
+        ]
+        if any(p < 1 for p in periods) or self.rsi < 2 or self.macd_fast < 2:
+            raise ValueError("indicator periods must be positive (RSI and MACD at least 2)")
+
+    @property
+    def columns(self) -> list[str]:
+        """Output columns, in the order of the JSON contract."""
+        return [
+            f"rsi_{self.rsi}",
+            "stoch_k",
+            "stoch_d",
+            "macd",
+            "macd_signal",
+            "macd_hist",
+            "ao",
+            f"cci_{self.cci}",
+            "bb_upper",
+            "bb_middle",
+            "bb_lower",
+            *(f"sma_{n}" for n in self.sma),
+            *(f"ema_{n}" for n in self.ema),
+        ]
+
+    @property
+    def warmup(self) -> int:
+        """Bars needed before every indicator has a value (index of the first full row + 1)."""
+        slow, fast = max(self.macd_fast, self.macd_slow), min(self.macd_fast, self.macd_slow)
+        del fast
+        return 1 + max(
+            self.rsi,
+            self.stoch_k + self.stoch_slow_k + self.stoch_d - 3,
+            slow + self.macd_signal - 2,
+            max(self.ao_fast, self.ao_slow) - 1,
+            self.cci - 1,
+            self.bb - 1,
+            *(n - 1 for n in self.sma),
+            *(n - 1 for n in self.ema),
+        )
+
+    @property
+    def window(self) -> int:
+        """The longest finite window any indicator looks back over."""
+        return max(
+            self.stoch_k + self.stoch_slow_k + self.stoch_d,
+            self.ao_fast,
+            self.ao_slow,
+            self.cci,
+            self.bb,
+            self.rsi + 1,
+            *self.sma,
+            1,
+        )
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def _window_sum(x: pl.Expr, n: int) -> pl.Expr:
+    """Σ of the last n values, added oldest first: null until the window is full."""
+    total = x.shift(n - 1)
+    for k in range(n - 2, -1, -1):
+        total = total + x.shift(k)
+    return total
+
+
+def _sma(x: pl.Expr, n: int) -> pl.Expr:
+    return _window_sum(x, n) / n
+
+
+def _population_std(x: pl.Expr, n: int, mean: pl.Expr) -> pl.Expr:
+    # Two passes (deviations from the window's mean), never E[x²] − mean².
+    sq = (x.shift(n - 1) - mean) ** 2
+    for k in range(n - 2, -1, -1):
+        sq = sq + (x.shift(k) - mean) ** 2
+    return (sq / n).sqrt()
+
+
+def _mean_deviation(x: pl.Expr, n: int, mean: pl.Expr) -> pl.Expr:
+    dev = (x.shift(n - 1) - mean).abs()
+    for k in range(n - 2, -1, -1):
+        dev = dev + (x.shift(k) - mean).abs()
+    return dev / n
+
+
+def _recursive(
+    x: pl.Series, alpha: float, seed_at: int, seed: float | None, start: int
+) -> pl.Series:
+    """y[t] = y[t-1] + alpha·(x[t] − y[t-1]) from row `start`, as TA-Lib's EMA and Wilder sums.
+
+    Rows before `seed_at` are null. With `seed` None the recursion starts at `seed_at` from the
+    mean of the n = round(1/alpha') values ending there (TA-Lib's SMA seed), computed by the
+    caller and passed as `x[seed_at]`; otherwise it continues from `seed` (the state at
+    `start - 1`). Only rows from `start` are meaningful in the result.
+    """
+    length = len(x)
+    if seed is None:
+        tail = x.slice(seed_at)
+        out = tail.ewm_mean(alpha=alpha, adjust=False)
+        return pl.concat([pl.Series([None] * seed_at, dtype=pl.Float64), out])
+    tail = pl.concat([pl.Series([seed], dtype=pl.Float64), x.slice(start)])
+    out = tail.ewm_mean(alpha=alpha, adjust=False).slice(1)
+    return pl.concat([pl.Series([None] * start, dtype=pl.Float64), out]).head(length)
+
+
+def _seeded(x: pl.Series, n: int, seed_at: int) -> pl.Series:
+    """`x` with the value at `seed_at` replaced by the mean of the n values ending there."""
+    window = x.slice(seed_at - n + 1, n)
+    mean = window.sum() / n
+    values = x.to_list()
+    values[seed_at] = mean
+    return pl.Series(values, dtype=pl.Float64)
+
+
+@functools.lru_cache(maxsize=16)
+def _finite_stages(p: IndicatorParams) -> tuple[list[pl.Expr], ...]:
+    """The finite-window indicators as stages of expressions, built once per parameter set.
+
+    Each stage refers to columns the previous one materialised, so no window sum repeats a
+    whole expression tree; the last stage selects the output columns.
+    """
+    c, h, lo = pl.col("close"), pl.col("high"), pl.col("low")
+    k = p.stoch_k
+    return (
+        [
+            lo.rolling_min(k).alias("_lowest"),
+            h.rolling_max(k).alias("_highest"),
+            ((h + lo) / 2.0).alias("_median"),
+            ((h + lo + c) / 3.0).alias("_tp"),
+        ],
+        [
+            _sma(pl.col("_tp"), p.cci).alias("_tp_mean"),
+            _sma(c, p.bb).alias("bb_middle"),
+            (_sma(pl.col("_median"), p.ao_fast) - _sma(pl.col("_median"), p.ao_slow)).alias("ao"),
+            pl.when(pl.col("_highest").is_null())
+            .then(None)
+            .when(pl.col("_highest") != pl.col("_lowest"))
+            .then((c - pl.col("_lowest")) / ((pl.col("_highest") - pl.col("_lowest")) / 100.0))
+            .otherwise(0.0)
+            .alias("_fast_k"),
+            *(_sma(c, m).alias(f"sma_{m}") for m in p.sma),
+        ],
+        [
+            _mean_deviation(pl.col("_tp"), p.cci, pl.col("_tp_mean")).alias("_md"),
+            _population_std(c, p.bb, pl.col("bb_middle")).alias("_bb_std"),
+            _sma(pl.col("_fast_k"), p.stoch_slow_k).alias("_slow_k"),
+        ],
+        [
+            (pl.col("_tp") - pl.col("_tp_mean")).alias("_dev"),
+            _sma(pl.col("_slow_k"), p.stoch_d).alias("stoch_d"),
+        ],
+        [
+            # TA-Lib starts %K on the same bar as %D.
+            pl.when(pl.col("stoch_d").is_null())
+            .then(None)
+            .otherwise(pl.col("_slow_k"))
+            .alias("stoch_k"),
+            pl.col("stoch_d"),
+            pl.col("ao"),
+            pl.when(pl.col("_tp_mean").is_null())
+            .then(None)
+            .when((pl.col("_dev") != 0) & (pl.col("_md") != 0))
+            .then(pl.col("_dev") / (p.cci_constant * pl.col("_md")))
+            .otherwise(0.0)
+            .alias(f"cci_{p.cci}"),
+            (pl.col("bb_middle") + p.bb_k * pl.col("_bb_std")).alias("bb_upper"),
+            pl.col("bb_middle"),
+            (pl.col("bb_middle") - p.bb_k * pl.col("_bb_std")).alias("bb_lower"),
+            *(pl.col(f"sma_{m}") for m in p.sma),
+        ],
+    )
+
+
+# -- the computation ---------------------------------------------------------------------------
+
+_STATE_COLUMNS = ("_ema_fast", "_ema_slow", "_macd_raw", "_gain", "_loss")
+
+
+def _state_names(p: IndicatorParams) -> list[str]:
+    return [*_STATE_COLUMNS, *(f"_ema_{n}" for n in p.ema)]
+
+
+def _compute(frame: pl.DataFrame, p: IndicatorParams, start: int, offset: int) -> pl.DataFrame:
+    """Indicator and state columns for `frame`; rows from `start` are computed.
+
+    `offset` is the number of bars before the frame's first row. With offset 0 everything is
+    computed from the first bar, as TA-Lib does; otherwise recursive states continue from row
+    `start - 1`, which must hold them, and finite windows need only the rows before `start`.
+    """
+    scratch = offset == 0
+    close = frame["close"].cast(pl.Float64)
+    n = len(frame)
+
+    *stages, last = _finite_stages(p)
+    finite = frame.select(pl.col("close", "high", "low").cast(pl.Float64))
+    for stage in stages:
+        finite = finite.with_columns(stage)
+    finite = finite.select(last)
+
+    def state(name: str) -> float | None:
+        value = frame[name][start - 1] if name in frame.columns and start > 0 else None
+        return None if value is None else float(value)
+
+    # Recursive series: EMAs and Wilder averages, seeded like TA-Lib or continued from state.
+    slow_n, fast_n = max(p.macd_fast, p.macd_slow), min(p.macd_fast, p.macd_slow)
+    seed_at = slow_n - 1 - offset
+    if scratch:
+        ema_fast = (
+            _recursive(_seeded(close, fast_n, seed_at), 2 / (fast_n + 1), seed_at, None, 0)
+            if n > seed_at
+            else pl.Series([None] * n, dtype=pl.Float64)
+        )
+        ema_slow = (
+            _recursive(_seeded(close, slow_n, seed_at), 2 / (slow_n + 1), seed_at, None, 0)
+            if n > seed_at
+            else pl.Series([None] * n, dtype=pl.Float64)
+        )
+    else:
+        ema_fast = _recursive(close, 2 / (fast_n + 1), 0, state("_ema_fast"), start)
+        ema_slow = _recursive(close, 2 / (slow_n + 1), 0, state("_ema_slow"), start)
+    macd_raw = ema_fast - ema_slow
+    signal_at = slow_n - 1 + p.macd_signal - 1 - offset
+    if scratch:
+        signal = (
+            _recursive(
+                _seeded(macd_raw, p.macd_signal, signal_at),
+                2 / (p.macd_signal + 1),
+                signal_at,
+                None,
+                0,
+            )
+            if n > signal_at
+            else pl.Series([None] * n, dtype=pl.Float64)
+        )
+    else:
+        signal = _recursive(macd_raw, 2 / (p.macd_signal + 1), 0, state("macd_signal"), start)
+    first_macd = signal_at
+    valid = pl.Series([i >= first_macd for i in range(n)]) if scratch else None
+    macd_line = (
+        macd_raw
+        if valid is None
+        else macd_raw.zip_with(valid, pl.Series([None] * n, dtype=pl.Float64))
+    )
+
+    change = close.diff()
+    gain = change.clip(lower_bound=0.0)
+    loss = (-change).clip(lower_bound=0.0)
+    rsi_at = p.rsi - offset
+    if scratch:
+        if n > rsi_at:
+            avg_gain = _recursive(_seeded(gain, p.rsi, rsi_at), 1 / p.rsi, rsi_at, None, 0)
+            avg_loss = _recursive(_seeded(loss, p.rsi, rsi_at), 1 / p.rsi, rsi_at, None, 0)
+        else:
+            avg_gain = avg_loss = pl.Series([None] * n, dtype=pl.Float64)
+    else:
+        avg_gain = _recursive(gain, 1 / p.rsi, 0, state("_gain"), start)
+        avg_loss = _recursive(loss, 1 / p.rsi, 0, state("_loss"), start)
+
+    extra: dict[str, pl.Series] = {}
+    for m in p.ema:
+        at = m - 1 - offset
+        if scratch:
+            extra[f"ema_{m}"] = (
+                _recursive(_seeded(close, m, at), 2 / (m + 1), at, None, 0)
+                if n > at
+                else pl.Series([None] * n, dtype=pl.Float64)
+            )
+        else:
+            extra[f"ema_{m}"] = _recursive(close, 2 / (m + 1), 0, state(f"_ema_{m}"), start)
+        extra[f"_ema_{m}"] = extra[f"ema_{m}"]
+
+    recursive = pl.DataFrame(
+        {
+            "_ema_fast": ema_fast,
+            "_ema_slow": ema_slow,
+            "_macd_raw": macd_raw,
+            "_gain": avg_gain,
+            "_loss": avg_loss,
+            "macd": macd_line,
+            "macd_signal": signal,
+            **extra,
+        }
+    ).with_columns(
+        (pl.col("macd") - pl.col("macd_signal")).alias("macd_hist"),
+        pl.when((pl.col("_gain") + pl.col("_loss")) != 0)
+        .then(100.0 * (pl.col("_gain") / (pl.col("_gain") + pl.col("_loss"))))
+        .otherwise(pl.when(pl.col("_gain").is_null()).then(None).otherwise(0.0))
+        .alias(f"rsi_{p.rsi}"),
+    )
+    out = pl.concat([finite, recursive], how="horizontal")
+    return out.select([*p.columns, *_state_names(p)])
+
+
+def compute(bars: pl.DataFrame, params: IndicatorParams | None = None) -> pl.DataFrame:
+    """`bars` (with open, high, low, close in time order) plus every indicator column."""
+    p = params or IndicatorParams()
+    if bars.height == 0:
+        return bars.with_columns(pl.lit(None, dtype=pl.Float64).alias(c) for c in p.columns)
+    values = _compute(bars, p, 0, 0).select(p.columns)
+    return pl.concat(
+        [bars.drop([c for c in p.columns if c in bars.columns]), values], how="horizontal"
+    )
+
+
+class IndicatorState:
+    """Streaming indicators for one symbol and timeframe: feed final or revised bars in order.
+
+    Keeps the last `keep` bars with their indicator and state columns; that must cover the
+    longest window plus the revision horizon (in bars).
+    """
+
+    def __init__(self, params: IndicatorParams | None = None, revision_bars: int = 0) -> None:
+        self.params = params or IndicatorParams()
+        self.keep = max(2 * self.params.warmup, self.params.window) + revision_bars + 8
+        self.history: pl.DataFrame | None = None
+        self.dropped = 0
+
+    def append(self, bars: pl.DataFrame) -> pl.DataFrame:
+        """Add bars later than every bar so far; return them with their indicator columns."""
+        return self._update(bars, False)
+
+    def revise(self, bars: pl.DataFrame) -> pl.DataFrame:
+        """Replace the stored bars with the same `start`; return them with recomputed values.
+
+        Later bars' stored values are recomputed too, so what follows builds on the revision.
+        """
+        return self._update(bars, True)
+
+    def _update(self, bars: pl.DataFrame, revising: bool) -> pl.DataFrame:
+        p = self.params
+        own = bars.drop([c for c in [*p.columns, *_state_names(p)] if c in bars.columns])
+        if self.history is None:
+            frame = own
+            first = 0
+        elif not revising:
+            frame = pl.concat(
+                [self.history.drop([*p.columns, *_state_names(p)]), own], how="vertical_relaxed"
+            )
+            first = self.history.height
+        else:
+            hist = self.history.drop([*p.columns, *_state_names(p)])
+            positions = hist.with_row_index("_i").filter(pl.col("start").is_in(own["start"]))
+            if positions.height == 0:
+                return own.head(0)
+            first = int(positions["_i"].min())  # type: ignore[arg-type]
+            replaced = hist.update(own, on="start")
+            frame = replaced
+        computed = self._compute_from(frame, first)
+        full = pl.concat([frame, computed], how="horizontal")
+        self.history = full
+        if full.height > self.keep:
+            cut = full.height - self.keep
+            self.history = full.slice(cut)
+            self.dropped += cut
+        result = full.slice(first)
+        if revising:
+            result = result.filter(pl.col("start").is_in(own["start"]))
+        return result.drop(_state_names(p))
+
+    def _compute_from(self, frame: pl.DataFrame, first: int) -> pl.DataFrame:
+        p = self.params
+        if self.dropped == 0:
+            return _compute(frame, p, 0, 0)
+        assert self.history is not None
+        states = self.history.select([*p.columns, *_state_names(p)]).head(first)
+        pending = _compute(
+            pl.concat([frame, _pad(states, frame.height)], how="horizontal"),
+            p,
+            first,
+            self.dropped,
+        )
+        return pl.concat([states, pending.slice(first)], how="vertical_relaxed")
+
+
+def _pad(states: pl.DataFrame, height: int) -> pl.DataFrame:
+    missing = height - states.height
+    if missing <= 0:
+        return states.head(height)
+    blank = pl.DataFrame(
+        {c: pl.Series([None] * missing, dtype=states[c].dtype) for c in states.columns}
+    )
+    return pl.concat([states, blank], how="vertical_relaxed")

@@ -1,0 +1,423 @@
+"""Event-time bars per symbol and timeframe, with indicators, on the pipeline thread.
+
+Input: columnar trades (or the feed's own aggregates) of one micro-batch. Output: bar records as
+a polars DataFrame in the JSON contract's columns, `state` final, revised or partial.
+
+The watermark is the receipt clock corrected by the feed's clock offset: W = received + max(event
+time − received) so far. A bar is final once W passes its end plus the allowed lateness; a trade
+that arrives after that, within the revision horizon, revises the bar; older ones are counted.
+Whether a trade is late is judged against the watermark of the events before it, so results do
+not depend on how the stream was cut into batches. Live, `advance(now)` moves W with the wall
+clock so quiet bars close; a replay uses the recorded receipt times only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import msgspec
+import polars as pl
+
+from .config import timeframe_name
+from .indicators import IndicatorParams, IndicatorState
+
+_NEVER = -(2**62)
+
+STATE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
+    "symbol": pl.String,
+    "tf": pl.Int64,
+    "start": pl.Int64,
+    "open": pl.Float64,
+    "high": pl.Float64,
+    "low": pl.Float64,
+    "close": pl.Float64,
+    "volume": pl.Float64,
+    "pv": pl.Float64,
+    "trades": pl.Int64,
+    "buy_volume": pl.Float64,
+    "sell_volume": pl.Float64,
+    "first_t": pl.Int64,
+    "first_seq": pl.Int64,
+    "last_t": pl.Int64,
+    "last_seq": pl.Int64,
+}
+RECORD_COLUMNS = [
+    "symbol",
+    "timeframe",
+    "start",
+    "end",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "vwap",
+    "trades",
+    "buy_volume",
+    "sell_volume",
+    "state",
+]
+
+
+class BarOptions(msgspec.Struct, frozen=True):
+    """Timeframes (ms), allowed lateness and revision horizon (ms), indicator parameters."""
+
+    timeframes: tuple[int, ...] = (60_000,)
+    lateness: int = 2_000
+    horizon: int = 60_000
+    max_fill: int = 100_000
+    params: IndicatorParams = IndicatorParams()
+
+
+class BarStats(msgspec.Struct):
+    final: int = 0
+    revised: int = 0
+    zero_volume: int = 0
+    too_late: int = 0
+
+
+_MERGE = [
+    pl.col("open").sort_by(["first_t", "first_seq"], nulls_last=True).first(),
+    pl.col("high").max(),
+    pl.col("low").min(),
+    pl.col("close").sort_by(["last_t", "last_seq"], nulls_last=False).last(),
+    # Sums as a left fold in arrival order: the same additions whatever the batch cuts.
+    pl.col("volume").cum_sum().last(),
+    pl.col("pv").cum_sum().last(),
+    pl.col("trades").sum(),
+    pl.col("buy_volume").cum_sum().last(),
+    pl.col("sell_volume").cum_sum().last(),
+    pl.col("first_t").min(),
+    pl.col("first_seq").sort_by(["first_t", "first_seq"], nulls_last=True).first(),
+    pl.col("last_t").max(),
+    pl.col("last_seq").sort_by(["last_t", "last_seq"], nulls_last=False).last(),
+]
+_KEYS = ["symbol", "tf", "start"]
+
+
+def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """Combine partial bars with the same key; open and close by event time, then arrival."""
+    both = pl.concat([f.select(STATE_SCHEMA.keys()) for f in frames], how="vertical_relaxed")
+    return both.group_by(_KEYS, maintain_order=True).agg(_MERGE).select(STATE_SCHEMA.keys())
+
+
+class BarEngine:
+    """Builds bars for any number of symbols and timeframes; see the module docstring."""
+
+    def __init__(self, options: BarOptions | None = None) -> None:
+        self.options = options or BarOptions()
+        self.open = pl.DataFrame(schema=STATE_SCHEMA)
+        self.watermark = _NEVER
+        self.offset: int | None = None
+        self.stats = BarStats()
+        self._seq = 0
+        self._indicators: dict[tuple[str, int], IndicatorState] = {}
+        self._last: dict[tuple[str, int], tuple[int, float]] = {}
+        tf_min = min(self.options.timeframes)
+        self._revision_bars = {
+            tf: (self.options.horizon + self.options.lateness) // tf + 2
+            for tf in self.options.timeframes
+        }
+        del tf_min
+
+    # -- input -------------------------------------------------------------------------------
+
+    def add_trades(self, trades: pl.DataFrame) -> pl.DataFrame:
+        """Trades (symbol, time, price, size, side, received) in arrival order → emitted bars."""
+        if trades.height == 0:
+            return self._empty()
+        price, size, side = pl.col("price"), pl.col("size"), pl.col("side")
+        partials = trades.select(
+            "symbol",
+            "time",
+            "received",
+            price.alias("open"),
+            price.alias("high"),
+            price.alias("low"),
+            price.alias("close"),
+            size.alias("volume"),
+            (price * size).alias("pv"),
+            pl.lit(1, pl.Int64).alias("trades"),
+            pl.when(side == 2).then(size).otherwise(0.0).alias("buy_volume"),
+            pl.when(side == 1).then(size).otherwise(0.0).alias("sell_volume"),
+        )
+        return self._ingest(partials)
+
+    def add_aggregates(self, aggs: pl.DataFrame) -> pl.DataFrame:
+        """The feed's XA/XAS aggregates as the bar source (`--bars polygon`) → emitted bars.
+
+        Minute aggregates build timeframes of a minute and more, second aggregates the shorter
+        ones; buy and sell volume are unknown (0) and the trade count is volume / average size.
+        """
+        if aggs.height == 0:
+            return self._empty()
+        out = []
+        minute = tuple(tf for tf in self.options.timeframes if tf >= 60_000)
+        second = tuple(tf for tf in self.options.timeframes if tf < 60_000)
+        for ev, tfs in (("XA", minute), ("XAS", second)):
+            part = aggs.filter(pl.col("ev") == ev)
+            if not tfs or part.height == 0:
+                continue
+            partials = part.select(
+                "symbol",
+                (pl.col("end") - 1).alias("time"),
+                "received",
+                "open",
+                "high",
+                "low",
+                "close",
+                "volume",
+                (pl.col("vwap").fill_null(pl.col("close")) * pl.col("volume")).alias("pv"),
+                pl.when(pl.col("avg_size") > 0)
+                .then((pl.col("volume") / pl.col("avg_size")).round(0))
+                .otherwise(1)
+                .cast(pl.Int64)
+                .alias("trades"),
+                pl.lit(0.0).alias("buy_volume"),
+                pl.lit(0.0).alias("sell_volume"),
+            )
+            out.append(self._ingest(partials, tfs))
+        return pl.concat(out, how="vertical_relaxed") if out else self._empty()
+
+    def advance(self, now_ms: int) -> pl.DataFrame:
+        """Live only: move the watermark with the wall clock so that quiet bars close."""
+        if self.offset is None:
+            return self._empty()
+        self.watermark = max(self.watermark, now_ms + self.offset)
+        return self._finalize(eof=False)
+
+    def finish(self) -> pl.DataFrame:
+        """End of a replay: every open bar is final."""
+        return self._finalize(eof=True)
+
+    def partial(self) -> pl.DataFrame:
+        """End of a live run: the open bars, as `partial`, without changing any state."""
+        ghost = copy.copy(self)
+        ghost._indicators = {k: copy.copy(v) for k, v in self._indicators.items()}
+        ghost._last = dict(self._last)
+        ghost.stats = BarStats()
+        return ghost._finalize(eof=True, state="partial")
+
+    # -- core --------------------------------------------------------------------------------
+
+    def _ingest(self, partials: pl.DataFrame, tfs: tuple[int, ...] | None = None) -> pl.DataFrame:
+        o = self.options
+        n = partials.height
+        lead = (partials["time"] - partials["received"]).cum_max()
+        if self.offset is not None:
+            lead = lead.clip(lower_bound=self.offset)
+        wm = (partials["received"] + lead).cum_max().clip(lower_bound=self.watermark)
+        before = wm.shift(1, fill_value=self.watermark).rename("w_before")
+        self.offset = int(lead[-1])
+        self.watermark = int(wm[-1])
+        rows = partials.with_columns(
+            before,
+            pl.int_range(self._seq, self._seq + n, dtype=pl.Int64).alias("first_seq"),
+            pl.col("time").alias("first_t"),
+            pl.col("time").alias("last_t"),
+        ).with_columns(pl.col("first_seq").alias("last_seq"))
+        self._seq += n
+        stacked = pl.concat(
+            [
+                rows.with_columns(
+                    pl.lit(tf, pl.Int64).alias("tf"),
+                    (pl.col("time") // tf * tf).alias("start"),
+                )
+                for tf in (tfs or o.timeframes)
+            ]
+        ).with_columns(
+            ((pl.col("start") + pl.col("tf") + o.lateness) <= pl.col("w_before")).alias("late")
+        )
+        on_time = stacked.filter(~pl.col("late"))
+        if on_time.height:
+            self.open = _merge([self.open, on_time])
+        emitted = [self._finalize(eof=False)]
+        late = stacked.filter(pl.col("late"))
+        if late.height:
+            emitted.append(self._revise(late))
+        return pl.concat(emitted, how="vertical_relaxed")
+
+    def _finalize(self, eof: bool, state: str = "final") -> pl.DataFrame:
+        o = self.options
+        if eof:
+            due = self.open
+            self.open = self.open.head(0)
+        else:
+            is_due = (pl.col("start") + pl.col("tf") + o.lateness) <= self.watermark
+            due = self.open.filter(is_due)
+            if due.height:
+                self.open = self.open.filter(~is_due)
+        groups: dict[tuple[str, int], pl.DataFrame] = {}
+        if due.height:
+            for key, frame in due.sort(_KEYS).group_by(["symbol", "tf"], maintain_order=True):
+                groups[(str(key[0]), int(key[1]))] = frame
+        keys = list(groups)
+        if not eof:
+            keys += [k for k in self._last if k not in groups]
+        out = []
+        for key in keys:
+            bars = self._fill(key, groups.get(key), eof)
+            if bars is None or bars.height == 0:
+                continue
+            out.append(self._emit(key, bars, state))
+        return pl.concat(out, how="vertical_relaxed") if out else self._empty()
+
+    def _fill(
+        self, key: tuple[str, int], real: pl.DataFrame | None, eof: bool
+    ) -> pl.DataFrame | None:
+        """Real bars of one group plus zero-volume bars for every empty bucket up to the due one."""
+        tf = key[1]
+        last = self._last.get(key)
+        if real is None and last is None:
+            return None
+        if eof:
+            assert real is not None
+            upto = int(real["start"][-1])
+        else:
+            upto = (self.watermark - self.options.lateness - tf) // tf * tf
+            if real is not None:
+                upto = max(upto, int(real["start"][-1]))
+        begin = last[0] + tf if last is not None else int(real["start"][0])  # type: ignore[index]
+        if upto < begin:
+            return None
+        if (upto - begin) // tf > self.options.max_fill:
+            begin = upto - self.options.max_fill * tf
+        grid = pl.DataFrame(
+            {"start": pl.int_range(begin, upto + tf, tf, dtype=pl.Int64, eager=True)}
+        )
+        frame = (
+            grid.join(real.drop("symbol", "tf"), on="start", how="left")
+            if real is not None
+            else grid.with_columns(
+                pl.lit(None, dtype=v).alias(k)
+                for k, v in STATE_SCHEMA.items()
+                if k not in ("symbol", "tf", "start")
+            )
+        )
+        prev_close = last[1] if last is not None else None
+        empty = pl.col("trades").is_null()
+        carried = pl.col("close").forward_fill()
+        if prev_close is not None:
+            carried = carried.fill_null(prev_close)
+        frame = (
+            frame.with_columns(
+                pl.lit(key[0]).alias("symbol"),
+                pl.lit(tf, pl.Int64).alias("tf"),
+                carried.alias("_carry"),
+            )
+            .with_columns(
+                *(
+                    pl.when(empty).then(pl.col("_carry")).otherwise(pl.col(c)).alias(c)
+                    for c in ("open", "high", "low", "close")
+                ),
+                *(pl.col(c).fill_null(0.0) for c in ("volume", "pv", "buy_volume", "sell_volume")),
+                pl.col("trades").fill_null(0),
+            )
+            .drop("_carry")
+            .filter(pl.col("close").is_not_null())
+        )
+        self.stats.zero_volume += int(frame["trades"].eq(0).sum())
+        if frame.height:
+            self._last[key] = (int(frame["start"][-1]), float(frame["close"][-1]))
+        return frame.select(STATE_SCHEMA.keys())
+
+    def _state(self, key: tuple[str, int]) -> IndicatorState:
+        st = self._indicators.get(key)
+        if st is None:
+            st = IndicatorState(self.options.params, self._revision_bars.get(key[1], 0))
+            self._indicators[key] = st
+        return st
+
+    def _emit(self, key: tuple[str, int], bars: pl.DataFrame, state: str) -> pl.DataFrame:
+        computed = self._state(key).append(bars)
+        if state == "final":
+            self.stats.final += computed.height
+        return self._records(computed, state)
+
+    def _revise(self, late: pl.DataFrame) -> pl.DataFrame:
+        o = self.options
+        old = (pl.col("w_before") - (pl.col("start") + pl.col("tf"))) > o.horizon + o.lateness
+        self.stats.too_late += late.filter(old).select(pl.col("trades").sum()).item() or 0
+        late = late.filter(~old)
+        out = []
+        for key, frame in late.group_by(["symbol", "tf"], maintain_order=True):
+            k = (str(key[0]), int(key[1]))
+            st = self._indicators.get(k)
+            history = st.history if st is not None else None
+            if st is None or history is None:
+                self.stats.too_late += frame.height
+                continue
+            stored = history.filter(pl.col("start").is_in(frame["start"].unique()))
+            known = frame.filter(pl.col("start").is_in(stored["start"]))
+            self.stats.too_late += frame.height - known.height
+            if known.height == 0:
+                continue
+            # A zero-volume bar's prices are the previous close, not trades: they give way.
+            stored = stored.with_columns(
+                pl.when(pl.col("trades") == 0).then(None).otherwise(pl.col(c)).alias(c)
+                for c in ("open", "high", "low", "close")
+            )
+            merged = _merge(
+                [
+                    stored.with_columns(
+                        pl.lit(k[0]).alias("symbol"), pl.lit(k[1], pl.Int64).alias("tf")
+                    ),
+                    known,
+                ]
+            )
+            computed = st.revise(merged)
+            if self._last.get(k, (None,))[0] == int(computed["start"][-1]):
+                self._last[k] = (int(computed["start"][-1]), float(computed["close"][-1]))
+            self.stats.revised += computed.height
+            out.append(self._records(computed, "revised"))
+        return pl.concat(out, how="vertical_relaxed") if out else self._empty()
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _records(self, bars: pl.DataFrame, state: str) -> pl.DataFrame:
+        cols = self.options.params.columns
+        return bars.select(
+            "symbol",
+            pl.col("tf")
+            .replace_strict(
+                {tf: timeframe_name(tf) for tf in self.options.timeframes}, return_dtype=pl.String
+            )
+            .alias("timeframe"),
+            "start",
+            (pl.col("start") + pl.col("tf")).alias("end"),
+            "open",
+            "high",
+            "low",
+            "close",
+            "volume",
+            pl.when(pl.col("volume") > 0)
+            .then(pl.col("pv") / pl.col("volume"))
+            .otherwise(None)
+            .alias("vwap"),
+            "trades",
+            "buy_volume",
+            "sell_volume",
+            pl.lit(state).alias("state"),
+            *cols,
+        )
+
+    def _empty(self) -> pl.DataFrame:
+        cols = self.options.params.columns
+        schema = {
+            "symbol": pl.String,
+            "timeframe": pl.String,
+            "start": pl.Int64,
+            "end": pl.Int64,
+            "open": pl.Float64,
+            "high": pl.Float64,
+            "low": pl.Float64,
+            "close": pl.Float64,
+            "volume": pl.Float64,
+            "vwap": pl.Float64,
+            "trades": pl.Int64,
+            "buy_volume": pl.Float64,
+            "sell_volume": pl.Float64,
+            "state": pl.String,
+            **{c: pl.Float64 for c in cols},
+        }
+        return pl.DataFrame(schema=schema)

@@ -17,6 +17,8 @@ import msgspec
 import polars as pl
 
 BAR_COLUMNS = ("open", "high", "low", "close")
+# TA-Lib's TA_EPSILON: a difference this small relative to the prices counts as zero.
+_EPSILON = 1e-14
 
 
 class IndicatorParams(msgspec.Struct, frozen=True):
@@ -118,8 +120,25 @@ def _window_sum(x: pl.Expr, n: int) -> pl.Expr:
     return total
 
 
+def _divisor(n: float) -> str:
+    return f"_div_{float(n)!r}"
+
+
+def _div(x: pl.Expr, n: float) -> pl.Expr:
+    """x / n, correctly rounded like TA-Lib's C division. Polars turns a division by a literal
+    into a multiplication by its reciprocal, which can differ in the last bit, so the divisor
+    is a column of the frame (see `_divisors`)."""
+    return x / pl.col(_divisor(n))
+
+
+def _divisors(p: IndicatorParams, height: int) -> list[pl.Series]:
+    # Real columns: a broadcast literal is kept as a scalar and divided by its reciprocal.
+    values = {2, 3, 100, p.cci, p.bb, p.ao_fast, p.ao_slow, p.stoch_slow_k, p.stoch_d, *p.sma}
+    return [pl.Series(_divisor(v), [float(v)] * height, dtype=pl.Float64) for v in sorted(values)]
+
+
 def _sma(x: pl.Expr, n: int) -> pl.Expr:
-    return _window_sum(x, n) / n
+    return _div(_window_sum(x, n), n)
 
 
 def _population_std(x: pl.Expr, n: int, mean: pl.Expr) -> pl.Expr:
@@ -127,14 +146,14 @@ def _population_std(x: pl.Expr, n: int, mean: pl.Expr) -> pl.Expr:
     sq = (x.shift(n - 1) - mean) ** 2
     for k in range(n - 2, -1, -1):
         sq = sq + (x.shift(k) - mean) ** 2
-    return (sq / n).sqrt()
+    return _div(sq, n).sqrt()
 
 
 def _mean_deviation(x: pl.Expr, n: int, mean: pl.Expr) -> pl.Expr:
     dev = (x.shift(n - 1) - mean).abs()
     for k in range(n - 2, -1, -1):
         dev = dev + (x.shift(k) - mean).abs()
-    return dev / n
+    return _div(dev, n)
 
 
 def _recursive(
@@ -159,8 +178,10 @@ def _recursive(
 
 def _seeded(x: pl.Series, n: int, seed_at: int) -> pl.Series:
     """`x` with the value at `seed_at` replaced by the mean of the n values ending there."""
-    window = x.slice(seed_at - n + 1, n)
-    mean = window.sum() / n
+    total = 0.0
+    for value in x.slice(seed_at - n + 1, n).to_list():  # in order, as TA-Lib adds them
+        total += value
+    mean = total / n
     values = x.to_list()
     values[seed_at] = mean
     return pl.Series(values, dtype=pl.Float64)
@@ -179,8 +200,8 @@ def _finite_stages(p: IndicatorParams) -> tuple[list[pl.Expr], ...]:
         [
             lo.rolling_min(k).alias("_lowest"),
             h.rolling_max(k).alias("_highest"),
-            ((h + lo) / 2.0).alias("_median"),
-            ((h + lo + c) / 3.0).alias("_tp"),
+            _div(h + lo, 2.0).alias("_median"),
+            _div(h + lo + c, 3.0).alias("_tp"),
         ],
         [
             _sma(pl.col("_tp"), p.cci).alias("_tp_mean"),
@@ -188,8 +209,12 @@ def _finite_stages(p: IndicatorParams) -> tuple[list[pl.Expr], ...]:
             (_sma(pl.col("_median"), p.ao_fast) - _sma(pl.col("_median"), p.ao_slow)).alias("ao"),
             pl.when(pl.col("_highest").is_null())
             .then(None)
-            .when(pl.col("_highest") != pl.col("_lowest"))
-            .then((c - pl.col("_lowest")) / ((pl.col("_highest") - pl.col("_lowest")) / 100.0))
+            .when(
+                # TA-Lib 0.8 calls a range flat within 1e-14 of its own price level
+                (pl.col("_highest") - pl.col("_lowest")).abs()
+                > _EPSILON * (pl.col("_highest").abs() + pl.col("_lowest").abs())
+            )
+            .then((c - pl.col("_lowest")) / _div(pl.col("_highest") - pl.col("_lowest"), 100.0))
             .otherwise(0.0)
             .alias("_fast_k"),
             *(_sma(c, m).alias(f"sma_{m}") for m in p.sma),
@@ -213,7 +238,11 @@ def _finite_stages(p: IndicatorParams) -> tuple[list[pl.Expr], ...]:
             pl.col("ao"),
             pl.when(pl.col("_tp_mean").is_null())
             .then(None)
-            .when((pl.col("_dev") != 0) & (pl.col("_md") != 0))
+            .when(
+                # a flat window, judged relative to its own price level as TA-Lib 0.8 does
+                (pl.col("_dev").abs() > _EPSILON * pl.col("_tp_mean").abs())
+                & (pl.col("_md").abs() > _EPSILON * pl.col("_tp_mean").abs())
+            )
             .then(pl.col("_dev") / (p.cci_constant * pl.col("_md")))
             .otherwise(0.0)
             .alias(f"cci_{p.cci}"),
@@ -246,7 +275,9 @@ def _compute(frame: pl.DataFrame, p: IndicatorParams, start: int, offset: int) -
     n = len(frame)
 
     *stages, last = _finite_stages(p)
-    finite = frame.select(pl.col("close", "high", "low").cast(pl.Float64))
+    finite = frame.select(
+        pl.col("close", "high", "low").cast(pl.Float64), *_divisors(p, frame.height)
+    )
     for stage in stages:
         finite = finite.with_columns(stage)
     finite = finite.select(last)
@@ -393,7 +424,9 @@ class IndicatorState:
             first = self.history.height
         else:
             hist = self.history.drop([*p.columns, *_state_names(p)])
-            positions = hist.with_row_index("_i").filter(pl.col("start").is_in(own["start"]))
+            positions = hist.with_row_index("_i").filter(
+                pl.col("start").is_in(own["start"].implode())
+            )
             if positions.height == 0:
                 return own.head(0)
             first = int(positions["_i"].min())  # type: ignore[arg-type]
@@ -408,7 +441,7 @@ class IndicatorState:
             self.dropped += cut
         result = full.slice(first)
         if revising:
-            result = result.filter(pl.col("start").is_in(own["start"]))
+            result = result.filter(pl.col("start").is_in(own["start"].implode()))
         return result.drop(_state_names(p))
 
     def _compute_from(self, frame: pl.DataFrame, first: int) -> pl.DataFrame:

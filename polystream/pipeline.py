@@ -304,14 +304,14 @@ class Pipeline:
             return
         batch = self.batcher.flush()
         watched = self._watched
-        trades = batch.trades.filter(pl.col("symbol").is_in(watched))
-        quotes = batch.quotes.filter(pl.col("symbol").is_in(watched))
+        trades = batch.trades.filter(pl.col("symbol").is_in(watched.implode()))
+        quotes = batch.quotes.filter(pl.col("symbol").is_in(watched.implode()))
         self.feed.other_symbols += (
             batch.trades.height - trades.height + batch.quotes.height - quotes.height
         )
         self._track(trades, quotes, batch)
         if self.bar_source == "polygon":
-            aggs = batch.aggregates.filter(pl.col("symbol").is_in(watched))
+            aggs = batch.aggregates.filter(pl.col("symbol").is_in(watched.implode()))
             self._bars(self.engine.add_aggregates(aggs))
             if self._shadow is not None:
                 self._compare(self._shadow.add_trades(trades))

@@ -347,8 +347,8 @@ class BarEngine:
             if st is None or history is None:
                 self.stats.too_late += frame.height
                 continue
-            stored = history.filter(pl.col("start").is_in(frame["start"].unique()))
-            known = frame.filter(pl.col("start").is_in(stored["start"]))
+            stored = history.filter(pl.col("start").is_in(frame["start"].unique().implode()))
+            known = frame.filter(pl.col("start").is_in(stored["start"].implode()))
             self.stats.too_late += frame.height - known.height
             if known.height == 0:
                 continue

@@ -14,6 +14,7 @@ clock so quiet bars close; a replay uses the recorded receipt times only.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import msgspec
 import polars as pl
@@ -151,33 +152,27 @@ class BarEngine:
         """
         if aggs.height == 0:
             return self._empty()
-        out = []
-        minute = tuple(tf for tf in self.options.timeframes if tf >= 60_000)
-        second = tuple(tf for tf in self.options.timeframes if tf < 60_000)
-        for ev, tfs in (("XA", minute), ("XAS", second)):
-            part = aggs.filter(pl.col("ev") == ev)
-            if not tfs or part.height == 0:
-                continue
-            partials = part.select(
-                "symbol",
-                (pl.col("end") - 1).alias("time"),
-                "received",
-                "open",
-                "high",
-                "low",
-                "close",
-                "volume",
-                (pl.col("vwap").fill_null(pl.col("close")) * pl.col("volume")).alias("pv"),
-                pl.when(pl.col("avg_size") > 0)
-                .then((pl.col("volume") / pl.col("avg_size")).round(0))
-                .otherwise(1)
-                .cast(pl.Int64)
-                .alias("trades"),
-                pl.lit(0.0).alias("buy_volume"),
-                pl.lit(0.0).alias("sell_volume"),
-            )
-            out.append(self._ingest(partials, tfs))
-        return pl.concat(out, how="vertical_relaxed") if out else self._empty()
+        partials = aggs.select(
+            "symbol",
+            (pl.col("end") - 1).alias("time"),
+            "received",
+            "open",
+            "high",
+            "low",
+            "close",
+            "volume",
+            (pl.col("vwap").fill_null(pl.col("close")) * pl.col("volume")).alias("pv"),
+            pl.when(pl.col("avg_size") > 0)
+            .then((pl.col("volume") / pl.col("avg_size")).round(0))
+            .otherwise(1)
+            .cast(pl.Int64)
+            .alias("trades"),
+            pl.lit(0.0).alias("buy_volume"),
+            pl.lit(0.0).alias("sell_volume"),
+            pl.col("ev"),
+        )
+        # One pass in arrival order, so that the watermark sees both kinds as they came.
+        return self._ingest(partials, lambda tf: pl.col("ev") == ("XA" if tf >= 60_000 else "XAS"))
 
     def advance(self, now_ms: int) -> pl.DataFrame:
         """Live only: move the watermark with the wall clock so that quiet bars close."""
@@ -200,7 +195,11 @@ class BarEngine:
 
     # -- core --------------------------------------------------------------------------------
 
-    def _ingest(self, partials: pl.DataFrame, tfs: tuple[int, ...] | None = None) -> pl.DataFrame:
+    def _ingest(
+        self, partials: pl.DataFrame, source: Callable[[int], pl.Expr] | None = None
+    ) -> pl.DataFrame:
+        """Merge partial bars (one per trade or aggregate) in arrival order; `source` picks,
+        per timeframe, which rows build it."""
         o = self.options
         n = partials.height
         lead = (partials["time"] - partials["received"]).cum_max()
@@ -219,22 +218,31 @@ class BarEngine:
         self._seq += n
         stacked = pl.concat(
             [
-                rows.with_columns(
+                (rows if source is None else rows.filter(source(tf))).with_columns(
                     pl.lit(tf, pl.Int64).alias("tf"),
                     (pl.col("time") // tf * tf).alias("start"),
                 )
-                for tf in (tfs or o.timeframes)
-            ]
+                for tf in o.timeframes
+            ],
+            how="diagonal_relaxed",
         ).with_columns(
             ((pl.col("start") + pl.col("tf") + o.lateness) <= pl.col("w_before")).alias("late")
         )
         on_time = stacked.filter(~pl.col("late"))
         if on_time.height:
             self.open = _merge([self.open, on_time])
-        emitted = [self._finalize(eof=False)]
+        emitted = []
         late = stacked.filter(pl.col("late"))
         if late.height:
-            emitted.append(self._revise(late))
+            # Replay history in order: bars due when a late trade arrived are final before it
+            # revises one of them; bars that became due after it are built with it applied.
+            watermark = self.watermark
+            for (w_before,), group in late.group_by("w_before", maintain_order=True):
+                self.watermark = int(w_before)
+                emitted.append(self._finalize(eof=False))
+                emitted.append(self._revise(group))
+            self.watermark = watermark
+        emitted.append(self._finalize(eof=False))
         return pl.concat(emitted, how="vertical_relaxed")
 
     def _finalize(self, eof: bool, state: str = "final") -> pl.DataFrame:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import msgspec
 import polars as pl
@@ -62,12 +62,6 @@ class Batch(msgspec.Struct):
         return self.trades.height + self.quotes.height + self.aggregates.height + len(self.books)
 
 
-def _side(conditions: list[int]) -> int:
-    if 2 in conditions:
-        return 2
-    return 1 if 1 in conditions else 0
-
-
 def _symbols(pairs: list[str]) -> pl.Series:
     """Map feed pairs to REST symbols once per distinct pair, not once per event."""
     series = pl.Series("symbol", pairs, dtype=pl.String)
@@ -90,13 +84,8 @@ class Batcher:
         self._reset()
 
     def _reset(self) -> None:
-        self._trades: list[Trade] = []
-        self._trade_received: list[int] = []
-        self._quotes: list[Quote] = []
-        self._quote_received: list[int] = []
-        self._aggs: list[Aggregate] = []
-        self._agg_received: list[int] = []
-        self._books: list[tuple[str, Book]] = []
+        self._events: list[Event] = []
+        self._event_received: list[int] = []
         self._count = 0
         self._received = 0
         self._since: float | None = None
@@ -104,30 +93,17 @@ class Batcher:
     def __len__(self) -> int:
         return self._count
 
-    def add(self, events: Iterable[Event], received: int) -> None:
-        trades, quotes, aggs = self._trades, self._quotes, self._aggs
-        nt, nq, na = len(trades), len(quotes), len(aggs)
-        for ev in events:
-            kind = type(ev)
-            if kind is Trade:
-                trades.append(ev)  # type: ignore[arg-type]
-            elif kind is Quote:
-                quotes.append(ev)  # type: ignore[arg-type]
-            elif kind is Aggregate or kind is SecondAggregate:
-                aggs.append(ev)  # type: ignore[arg-type]
-            elif isinstance(ev, Book):
-                self._books.append((from_pair(ev.pair), ev))
-        added = len(trades) - nt + len(quotes) - nq + len(aggs) - na
-        if len(trades) > nt:
-            self._trade_received.extend([received] * (len(trades) - nt))
-        if len(quotes) > nq:
-            self._quote_received.extend([received] * (len(quotes) - nq))
-        if len(aggs) > na:
-            self._agg_received.extend([received] * (len(aggs) - na))
-        self._count += added
-        self._received = max(self._received, received)
-        if self._since is None and self._count:
+    def add(self, events: list[Event], received: int) -> None:
+        """Take the events of one frame, received at `received` (epoch ms)."""
+        if not events:
+            return
+        if self._since is None:
             self._since = self._clock()
+        self._events += events
+        self._event_received += [received] * len(events)
+        self._count += len(events)
+        if received > self._received:
+            self._received = received
 
     def due(self) -> bool:
         if self._count >= self.max_events:
@@ -135,47 +111,58 @@ class Batcher:
         return self._since is not None and self._clock() - self._since >= self.max_age
 
     def flush(self) -> Batch:
-        tr, qu, ag = self._trades, self._quotes, self._aggs
+        events, received = self._events, self._event_received
+        # One comprehension per kind keeps the per-event work in C-level loops.
+        tr = [(e, r) for e, r in zip(events, received, strict=True) if type(e) is Trade]
+        qu = [(e, r) for e, r in zip(events, received, strict=True) if type(e) is Quote]
+        ag = [
+            (e, r)
+            for e, r in zip(events, received, strict=True)
+            if type(e) is Aggregate or type(e) is SecondAggregate
+        ]
+        books = [(from_pair(e.pair), e) for e in events if isinstance(e, Book)]
         trades = pl.DataFrame(
             {
-                "symbol": _symbols([t.pair for t in tr]),
-                "time": [t.time for t in tr],
-                "price": [t.price for t in tr],
-                "size": [t.size for t in tr],
-                "side": [_side(t.conditions) for t in tr],
-                "received": self._trade_received,
+                "symbol": _symbols([t.pair for t, _ in tr]),
+                "time": [t.time for t, _ in tr],
+                "price": [t.price for t, _ in tr],
+                "size": [t.size for t, _ in tr],
+                "side": [
+                    2 if 2 in c else (1 if 1 in c else 0) for c in (t.conditions for t, _ in tr)
+                ],
+                "received": [r for _, r in tr],
             },
             schema=TRADE_SCHEMA,
         )
         quotes = pl.DataFrame(
             {
-                "symbol": _symbols([q.pair for q in qu]),
-                "time": [q.time for q in qu],
-                "bid": [q.bid for q in qu],
-                "bid_size": [q.bid_size for q in qu],
-                "ask": [q.ask for q in qu],
-                "ask_size": [q.ask_size for q in qu],
-                "received": self._quote_received,
+                "symbol": _symbols([q.pair for q, _ in qu]),
+                "time": [q.time for q, _ in qu],
+                "bid": [q.bid for q, _ in qu],
+                "bid_size": [q.bid_size for q, _ in qu],
+                "ask": [q.ask for q, _ in qu],
+                "ask_size": [q.ask_size for q, _ in qu],
+                "received": [r for _, r in qu],
             },
             schema=QUOTE_SCHEMA,
         )
         aggregates = pl.DataFrame(
             {
-                "symbol": _symbols([a.pair for a in ag]),
-                "ev": ["XAS" if type(a) is SecondAggregate else "XA" for a in ag],
-                "start": [a.start for a in ag],
-                "end": [a.end for a in ag],
-                "open": [a.open for a in ag],
-                "high": [a.high for a in ag],
-                "low": [a.low for a in ag],
-                "close": [a.close for a in ag],
-                "volume": [a.volume for a in ag],
-                "vwap": [a.vwap for a in ag],
-                "avg_size": [a.avg_size for a in ag],
-                "received": self._agg_received,
+                "symbol": _symbols([a.pair for a, _ in ag]),
+                "ev": ["XAS" if type(a) is SecondAggregate else "XA" for a, _ in ag],
+                "start": [a.start for a, _ in ag],
+                "end": [a.end for a, _ in ag],
+                "open": [a.open for a, _ in ag],
+                "high": [a.high for a, _ in ag],
+                "low": [a.low for a, _ in ag],
+                "close": [a.close for a, _ in ag],
+                "volume": [a.volume for a, _ in ag],
+                "vwap": [a.vwap for a, _ in ag],
+                "avg_size": [a.avg_size for a, _ in ag],
+                "received": [r for _, r in ag],
             },
             schema=AGG_SCHEMA,
         )
-        batch = Batch(trades, quotes, aggregates, self._books, self._received)
+        batch = Batch(trades, quotes, aggregates, books, self._received)
         self._reset()
         return batch

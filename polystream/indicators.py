@@ -263,24 +263,53 @@ def _state_names(p: IndicatorParams) -> list[str]:
     return [*_STATE_COLUMNS, *(f"_ema_{n}" for n in p.ema)]
 
 
-def _compute(frame: pl.DataFrame, p: IndicatorParams, start: int, offset: int) -> pl.DataFrame:
+def _finite_many(frames: list[pl.DataFrame], p: IndicatorParams) -> list[pl.DataFrame]:
+    """The finite-window columns of several bar series in one polars pass.
+
+    Polars' cost here is per expression, not per row, so the series are stacked with a gap of
+    null rows longer than any look-back between them: no window reaches across two series, and
+    each gets exactly what it would get alone.
+    """
+    gap = p.window + p.warmup
+    blank = pl.DataFrame(
+        {c: pl.Series([None] * gap, dtype=pl.Float64) for c in ("close", "high", "low")}
+    )
+    parts: list[pl.DataFrame] = []
+    for frame in frames:
+        parts.append(frame.select(pl.col("close", "high", "low").cast(pl.Float64)))
+        parts.append(blank)
+    stacked = pl.concat(parts, how="vertical")
+    *stages, last = _finite_stages(p)
+    finite = stacked.with_columns(_divisors(p, stacked.height))
+    for stage in stages:
+        finite = finite.with_columns(stage)
+    finite = finite.select(last)
+    out, at = [], 0
+    for frame in frames:
+        out.append(finite.slice(at, frame.height))
+        at += frame.height + gap
+    return out
+
+
+def _compute(
+    frame: pl.DataFrame,
+    p: IndicatorParams,
+    start: int,
+    offset: int,
+    finite: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """Indicator and state columns for `frame`; rows from `start` are computed.
 
     `offset` is the number of bars before the frame's first row. With offset 0 everything is
     computed from the first bar, as TA-Lib does; otherwise recursive states continue from row
     `start - 1`, which must hold them, and finite windows need only the rows before `start`.
+    `finite` may bring the finite-window columns already computed (`_finite_many`).
     """
     scratch = offset == 0
     close = frame["close"].cast(pl.Float64)
     n = len(frame)
-
-    *stages, last = _finite_stages(p)
-    finite = frame.select(
-        pl.col("close", "high", "low").cast(pl.Float64), *_divisors(p, frame.height)
-    )
-    for stage in stages:
-        finite = finite.with_columns(stage)
-    finite = finite.select(last)
+    if finite is None:
+        (finite,) = _finite_many([frame], p)
 
     def state(name: str) -> float | None:
         value = frame[name][start - 1] if name in frame.columns and start > 0 else None
@@ -402,37 +431,52 @@ class IndicatorState:
 
     def append(self, bars: pl.DataFrame) -> pl.DataFrame:
         """Add bars later than every bar so far; return them with their indicator columns."""
-        return self._update(bars, False)
+        return update_many([(self, bars, False)])[0]
 
     def revise(self, bars: pl.DataFrame) -> pl.DataFrame:
         """Replace the stored bars with the same `start`; return them with recomputed values.
 
         Later bars' stored values are recomputed too, so what follows builds on the revision.
         """
-        return self._update(bars, True)
+        return update_many([(self, bars, True)])[0]
 
-    def _update(self, bars: pl.DataFrame, revising: bool) -> pl.DataFrame:
+    def _plan(self, bars: pl.DataFrame, revising: bool) -> tuple[pl.DataFrame, int] | None:
+        """The frame to compute over and the first row to compute (None: nothing to do)."""
         p = self.params
         own = bars.drop([c for c in [*p.columns, *_state_names(p)] if c in bars.columns])
         if self.history is None:
-            frame = own
-            first = 0
-        elif not revising:
-            frame = pl.concat(
-                [self.history.drop([*p.columns, *_state_names(p)]), own], how="vertical_relaxed"
-            )
-            first = self.history.height
+            return own, 0
+        hist = self.history.drop([*p.columns, *_state_names(p)])
+        if not revising:
+            return pl.concat([hist, own], how="vertical_relaxed"), self.history.height
+        positions = hist.with_row_index("_i").filter(pl.col("start").is_in(own["start"].implode()))
+        if positions.height == 0:
+            return None
+        first = int(positions["_i"].min())  # type: ignore[arg-type]
+        return hist.update(own, on="start"), first
+
+    def _commit(
+        self,
+        frame: pl.DataFrame,
+        first: int,
+        finite: pl.DataFrame,
+        bars: pl.DataFrame,
+        revising: bool,
+    ) -> pl.DataFrame:
+        p = self.params
+        if self.dropped == 0:
+            computed = _compute(frame, p, 0, 0, finite)
         else:
-            hist = self.history.drop([*p.columns, *_state_names(p)])
-            positions = hist.with_row_index("_i").filter(
-                pl.col("start").is_in(own["start"].implode())
+            assert self.history is not None
+            states = self.history.select([*p.columns, *_state_names(p)]).head(first)
+            pending = _compute(
+                pl.concat([frame, _pad(states, frame.height)], how="horizontal"),
+                p,
+                first,
+                self.dropped,
+                finite,
             )
-            if positions.height == 0:
-                return own.head(0)
-            first = int(positions["_i"].min())  # type: ignore[arg-type]
-            replaced = hist.update(own, on="start")
-            frame = replaced
-        computed = self._compute_from(frame, first)
+            computed = pl.concat([states, pending.slice(first)], how="vertical_relaxed")
         full = pl.concat([frame, computed], how="horizontal")
         self.history = full
         if full.height > self.keep:
@@ -441,22 +485,32 @@ class IndicatorState:
             self.dropped += cut
         result = full.slice(first)
         if revising:
-            result = result.filter(pl.col("start").is_in(own["start"].implode()))
+            result = result.filter(pl.col("start").is_in(bars["start"].implode()))
         return result.drop(_state_names(p))
 
-    def _compute_from(self, frame: pl.DataFrame, first: int) -> pl.DataFrame:
-        p = self.params
-        if self.dropped == 0:
-            return _compute(frame, p, 0, 0)
-        assert self.history is not None
-        states = self.history.select([*p.columns, *_state_names(p)]).head(first)
-        pending = _compute(
-            pl.concat([frame, _pad(states, frame.height)], how="horizontal"),
-            p,
-            first,
-            self.dropped,
-        )
-        return pl.concat([states, pending.slice(first)], how="vertical_relaxed")
+
+def update_many(
+    work: list[tuple[IndicatorState, pl.DataFrame, bool]],
+) -> list[pl.DataFrame]:
+    """Append (or, with True, revise) bars for several states at once: one polars pass computes
+    the finite windows of all of them. Returns each one's bars with indicator columns."""
+    plans = [st._plan(bars, revising) for st, bars, revising in work]
+    pending = [i for i, plan in enumerate(plans) if plan is not None]
+    by_params: dict[IndicatorParams, list[int]] = {}
+    for i in pending:
+        by_params.setdefault(work[i][0].params, []).append(i)
+    finite: dict[int, pl.DataFrame] = {}
+    for params, indexes in by_params.items():
+        frames = [plans[i][0] for i in indexes]  # type: ignore[index]
+        finite.update(zip(indexes, _finite_many(frames, params), strict=True))
+    out = []
+    for i, (st, bars, revising) in enumerate(work):
+        plan = plans[i]
+        if plan is None:
+            out.append(bars.head(0))
+        else:
+            out.append(st._commit(plan[0], plan[1], finite[i], bars, revising))
+    return out
 
 
 def _pad(states: pl.DataFrame, height: int) -> pl.DataFrame:

@@ -22,7 +22,7 @@ from .decode import Decoder
 from .errors import FeedError, PolystreamError
 from .events import SIDE_UNKNOWN
 from .record import Recorder
-from .source import EndOfStream, Frame, Gap, Item, Notice
+from .source import EndOfStream, Frame, Frames, Gap, Item, Notice
 from .window import BarEngine, BarOptions
 
 
@@ -261,11 +261,14 @@ class Pipeline:
                 items.append(q.get_nowait())
             except queue.Empty:
                 break
+        last: Frame | None = None
         for item in items:
-            if isinstance(item, Frame):
-                if self.recorder is not None:
-                    self.recorder.write(item)
-                self.batcher.add(self.decoder.decode(item.data), item.received)
+            if isinstance(item, Frame | Frames):
+                for frame in item.frames if isinstance(item, Frames) else (item,):
+                    if self.recorder is not None:
+                        self.recorder.write(frame)
+                    self.batcher.add(self.decoder.decode(frame.data), frame.received)
+                    last = frame
                 if self.batcher.due():
                     self._flush()
             elif isinstance(item, Notice):
@@ -273,8 +276,7 @@ class Pipeline:
                     out.status(item)
             else:
                 self._end(item)
-        last = items[-1]
-        if isinstance(last, Frame):
+        if last is not None and self.live:
             self.feed.lag_ms = max(0, self._now_ms() - last.received)
         if q.empty():
             self._idle()

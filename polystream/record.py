@@ -19,11 +19,12 @@ from typing import IO
 import zstandard
 
 from .errors import RecordingError
-from .source import EndOfStream, Frame, Gap, Item, Notice
+from .source import EndOfStream, Frame, Frames, Gap, Item, Notice
 
 log = logging.getLogger(__name__)
 
 MAX_LOGGED_BAD_LINES = 5
+CHUNK = 256  # frames per queue item when replaying as fast as possible
 
 
 def _open(path: Path, mode: str) -> IO[bytes]:
@@ -138,6 +139,7 @@ class ReplaySource:
         started = time.monotonic()
         try:
             self._put(Notice("connected", int(time.time() * 1000), f"replaying {self.path.name}"))
+            chunk: list[Frame] = []
             for frame in read_recording(self.path):
                 if self.speed:
                     first = frame.received if first is None else first
@@ -145,8 +147,17 @@ class ReplaySource:
                     wait = due - time.monotonic()
                     if wait > 0 and self._stop.wait(wait):
                         break
-                if not self._put(frame):
+                    if not self._put(frame):
+                        break
+                    continue
+                chunk.append(frame)
+                if len(chunk) >= CHUNK and not self._put(Frames(chunk)):
                     break
+                if len(chunk) >= CHUNK:
+                    chunk = []
+            else:
+                if chunk:
+                    self._put(Frames(chunk))
         except RecordingError as exc:
             self.fatal = exc
             error = str(exc)

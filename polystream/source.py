@@ -55,7 +55,14 @@ class Gap(msgspec.Struct, frozen=True):
     end: int
 
 
-Item: TypeAlias = Frame | Notice | EndOfStream
+class Frames(NamedTuple):
+    """Several frames in one queue item: a replay hands them over in chunks, which costs one
+    queue round trip instead of one per frame."""
+
+    frames: list[Frame]
+
+
+Item: TypeAlias = Frame | Frames | Notice | EndOfStream
 
 
 class FeedOptions(msgspec.Struct, frozen=True):

@@ -20,7 +20,7 @@ import msgspec
 import polars as pl
 
 from .config import timeframe_name
-from .indicators import IndicatorParams, IndicatorState
+from .indicators import IndicatorParams, IndicatorState, update_many
 
 _NEVER = -(2**62)
 
@@ -112,6 +112,8 @@ class BarEngine:
         self.offset: int | None = None
         self.stats = BarStats()
         self._seq = 0
+        # receipt time of the last frame seen, and the watermark before it
+        self._frame = (_NEVER, _NEVER)
         self._indicators: dict[tuple[str, int], IndicatorState] = {}
         self._last: dict[tuple[str, int], tuple[int, float]] = {}
         tf_min = min(self.options.timeframes)
@@ -206,7 +208,24 @@ class BarEngine:
         if self.offset is not None:
             lead = lead.clip(lower_bound=self.offset)
         wm = (partials["received"] + lead).cum_max().clip(lower_bound=self.watermark)
-        before = wm.shift(1, fill_value=self.watermark).rename("w_before")
+        # The events of one frame arrive together: each is judged against the watermark as it
+        # stood before its frame (rows of one frame share their receipt time).
+        received = partials["received"]
+        same_frame = received[0] == self._frame[0]  # a frame may straddle two calls
+        first_before = self._frame[1] if same_frame else self.watermark
+        new_frame = (received != received.shift(1)).fill_null(not same_frame)
+        before = (
+            pl.select(
+                pl.when(pl.lit(new_frame))
+                .then(pl.lit(wm.shift(1, fill_value=self.watermark)))
+                .otherwise(None)
+                .forward_fill()
+            )
+            .to_series()
+            .fill_null(first_before)
+            .rename("w_before")
+        )
+        self._frame = (int(received[-1]), int(before[-1]))
         self.offset = int(lead[-1])
         self.watermark = int(wm[-1])
         rows = partials.with_columns(
@@ -232,17 +251,20 @@ class BarEngine:
         if on_time.height:
             self.open = _merge([self.open, on_time])
         emitted = []
+        watermark = self.watermark
         late = stacked.filter(pl.col("late"))
         if late.height:
             # Replay history in order: bars due when a late trade arrived are final before it
             # revises one of them; bars that became due after it are built with it applied.
-            watermark = self.watermark
             for (w_before,), group in late.group_by("w_before", maintain_order=True):
                 self.watermark = int(w_before)
                 emitted.append(self._finalize(eof=False))
                 emitted.append(self._revise(group))
             self.watermark = watermark
+        # The last frame may go on in the next call, so only what was due before it is final.
+        self.watermark = self._frame[1]
         emitted.append(self._finalize(eof=False))
+        self.watermark = watermark
         return pl.concat(emitted, how="vertical_relaxed")
 
     def _finalize(self, eof: bool, state: str = "final") -> pl.DataFrame:
@@ -262,13 +284,17 @@ class BarEngine:
         keys = list(groups)
         if not eof:
             keys += [k for k in self._last if k not in groups]
-        out = []
+        work = []
         for key in keys:
             bars = self._fill(key, groups.get(key), eof)
-            if bars is None or bars.height == 0:
-                continue
-            out.append(self._emit(key, bars, state))
-        return pl.concat(out, how="vertical_relaxed") if out else self._empty()
+            if bars is not None and bars.height:
+                work.append((self._state(key), bars, False))
+        if not work:
+            return self._empty()
+        computed = pl.concat(update_many(work), how="vertical_relaxed")
+        if state == "final":
+            self.stats.final += computed.height
+        return self._records(computed, state)
 
     def _fill(
         self, key: tuple[str, int], real: pl.DataFrame | None, eof: bool
@@ -335,12 +361,6 @@ class BarEngine:
             st = IndicatorState(self.options.params, self._revision_bars.get(key[1], 0))
             self._indicators[key] = st
         return st
-
-    def _emit(self, key: tuple[str, int], bars: pl.DataFrame, state: str) -> pl.DataFrame:
-        computed = self._state(key).append(bars)
-        if state == "final":
-            self.stats.final += computed.height
-        return self._records(computed, state)
 
     def _revise(self, late: pl.DataFrame) -> pl.DataFrame:
         o = self.options

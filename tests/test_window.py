@@ -51,7 +51,9 @@ def test_ohlcv_vwap_and_sides_from_trades() -> None:
         )
     )
     assert out.height == 0  # nothing is final yet
-    out = e.add_trades(trades([t(MIN + 2 * SEC, 106.0)]))  # watermark passes end + lateness
+    # the watermark passes end + lateness; the bar is final once that frame is complete,
+    # that is when the next one arrives
+    out = e.add_trades(trades([t(MIN + 2 * SEC, 106.0), t(MIN + 2 * SEC + 1, 106.5)]))
     bar = out.row(0, named=True)
     assert (bar["open"], bar["high"], bar["low"], bar["close"]) == (100.0, 110.0, 90.0, 105.0)
     assert bar["volume"] == 8.0 and bar["trades"] == 4
@@ -112,7 +114,7 @@ def test_skewed_local_clock_drops_nothing() -> None:
 def test_late_trade_within_horizon_revises_the_bar() -> None:
     e = engine(MIN, lateness=2 * SEC, horizon=60 * SEC)
     e.add_trades(trades([t(1_000, 100.0), t(30_000, 101.0)]))
-    final = e.add_trades(trades([t(MIN + 5_000, 102.0)]))
+    final = e.add_trades(trades([t(MIN + 5_000, 102.0), t(MIN + 5_001, 102.0)]))
     assert final.row(0, named=True)["close"] == 101.0
     # a trade for the first minute arrives 10 s after that bar was final
     late = t(40_000, 150.0, 3.0, delay=35_000)

@@ -1,0 +1,278 @@
+"""The pipeline end to end: a replayed recording gives the bars computed directly from its trades,
+whatever the replay speed or batch size; the feed's aggregates can be the bar source."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import msgspec
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import API_KEY
+from polystream.batch import Batcher
+from polystream.indicators import IndicatorParams, compute
+from polystream.pipeline import Pipeline, Snapshot
+from polystream.record import Recorder, ReplaySource
+from polystream.simulator import DemoFeed
+from polystream.source import FeedClient, FeedOptions, Frame, Notice
+from polystream.window import BarOptions
+
+T0 = 1_700_000_100_000
+SYMBOLS = {"BTC-USD": "X:BTCUSD", "ETH-USD": "X:ETHUSD"}
+TIMEFRAMES = (1_000, 60_000)
+LATENESS = 2_000
+
+
+class Capture:
+    """An output that keeps everything the pipeline hands it."""
+
+    def __init__(self) -> None:
+        self.notices: list[Notice] = []
+        self.frames: list[pl.DataFrame] = []
+
+    def status(self, notice: Notice) -> None:
+        self.notices.append(notice)
+
+    def bars(self, records: pl.DataFrame) -> None:
+        self.frames.append(records)
+
+    def refresh(self, snapshot: Snapshot) -> None:
+        pass
+
+    def close(self, snapshot: Snapshot) -> None:
+        pass
+
+    @property
+    def records(self) -> pl.DataFrame:
+        return pl.concat(self.frames)
+
+
+def make_trades(seed: int = 1, n: int = 6_000) -> list[dict[str, object]]:
+    """Trades for two pairs over about 4 minutes of event time, with quiet stretches (so there
+    are zero-volume bars) and receipt jitter that stays within the allowed lateness."""
+    rng = random.Random(seed)
+    clock = T0
+    prices = {"BTC-USD": 4000.0, "ETH-USD": 150.0}
+    out: list[dict[str, object]] = []
+    ident = 0
+    for k in range(n):
+        clock += rng.choice([0, 5, 20, 40, 60])
+        if k in (1_500, 4_000):
+            clock += 7_500  # seconds without any trade
+        pair = rng.choice(list(SYMBOLS))
+        prices[pair] *= 1 + rng.gauss(0, 2e-4)
+        ident += 1
+        out.append(
+            {
+                "ev": "XT",
+                "pair": pair,
+                "p": round(prices[pair], 2),
+                "t": clock - rng.choice([0, 0, 0, 150, 900]),
+                "s": round(rng.uniform(0.001, 2.0), 8),
+                "c": [rng.choice([1, 2])],
+                "i": str(ident),
+                "x": 1,
+            }
+        )
+    return out
+
+
+def write_recording(path: Path, trades: list[dict[str, object]], seed: int = 2) -> None:
+    rng = random.Random(seed)
+    rec = Recorder(path)
+    rec.write(Frame(T0, b'[{"ev":"status","status":"connected","message":"hi"}]'))
+    i = 0
+    while i < len(trades):
+        size = rng.randint(1, 12)
+        chunk = trades[i : i + size]
+        i += size
+        received = max(int(t["t"]) for t in chunk) + rng.randint(1, 30)  # type: ignore[call-overload]
+        quote = {
+            "ev": "XQ",
+            "pair": chunk[0]["pair"],
+            "bp": 1.0,
+            "bs": 1.0,
+            "ap": 1.1,
+            "as": 2.0,
+            "t": received - 1,
+        }
+        rec.write(Frame(received, msgspec.json.encode([*chunk, quote])))
+    rec.close()
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, object]]]:
+    trades = make_trades()
+    path = tmp_path_factory.mktemp("rec") / "session.rec.zst"
+    write_recording(path, trades)
+    return path, trades
+
+
+def replay(path: Path, *, speed: float | None = None, batch: int = 50_000) -> Capture:
+    out = Capture()
+    pipeline = Pipeline(
+        ReplaySource(path, speed=speed),
+        list(SYMBOLS.values()),
+        [out],
+        bars=BarOptions(timeframes=TIMEFRAMES, lateness=LATENESS),
+        live=False,
+        batcher=Batcher(max_events=batch),
+    )
+    result = pipeline.run()
+    assert not result.interrupted
+    return out
+
+
+def direct_bars(trades: list[dict[str, object]]) -> pl.DataFrame:
+    """Bars straight from the trades: no watermark, no batches, no streaming state."""
+    frame = pl.DataFrame(
+        {
+            "symbol": [SYMBOLS[str(t["pair"])] for t in trades],
+            "time": [t["t"] for t in trades],
+            "price": [t["p"] for t in trades],
+            "size": [t["s"] for t in trades],
+            "side": [t["c"][0] for t in trades],  # type: ignore[index]
+        }
+    ).with_row_index("seq")
+    out = []
+    for tf in TIMEFRAMES:
+        name = "1s" if tf == 1_000 else "1m"
+        for symbol in SYMBOLS.values():
+            rows = frame.filter(pl.col("symbol") == symbol).with_columns(
+                (pl.col("time") // tf * tf).alias("start")
+            )
+            bars = rows.group_by("start", maintain_order=True).agg(
+                pl.col("price").sort_by(["time", "seq"]).first().alias("open"),
+                pl.col("price").max().alias("high"),
+                pl.col("price").min().alias("low"),
+                pl.col("price").sort_by(["time", "seq"]).last().alias("close"),
+                pl.col("size").cum_sum().last().alias("volume"),
+                (pl.col("price") * pl.col("size")).cum_sum().last().alias("pv"),
+                pl.len().cast(pl.Int64).alias("trades"),
+                pl.when(pl.col("side") == 2)
+                .then(pl.col("size"))
+                .otherwise(0.0)
+                .cum_sum()
+                .last()
+                .alias("buy_volume"),
+                pl.when(pl.col("side") == 1)
+                .then(pl.col("size"))
+                .otherwise(0.0)
+                .cum_sum()
+                .last()
+                .alias("sell_volume"),
+            )
+            grid = pl.DataFrame(
+                {
+                    "start": pl.int_range(
+                        bars["start"].min(), bars["start"].max() + tf, tf, eager=True
+                    )
+                }
+            )
+            full = (
+                grid.join(bars, on="start", how="left")
+                .sort("start")
+                .with_columns(pl.col("close").forward_fill().alias("_carry"))
+                .with_columns(
+                    *(
+                        pl.col(c).fill_null(pl.col("_carry"))
+                        for c in ("open", "high", "low", "close")
+                    ),
+                    *(
+                        pl.col(c).fill_null(0.0)
+                        for c in ("volume", "pv", "buy_volume", "sell_volume")
+                    ),
+                    pl.col("trades").fill_null(0),
+                )
+            )
+            full = compute(full, IndicatorParams()).with_columns(
+                pl.lit(symbol).alias("symbol"),
+                pl.lit(name).alias("timeframe"),
+                pl.when(pl.col("volume") > 0).then(pl.col("pv") / pl.col("volume")).alias("vwap"),
+            )
+            out.append(full)
+    return pl.concat(out, how="diagonal")
+
+
+def latest(records: pl.DataFrame) -> pl.DataFrame:
+    return (
+        records.with_row_index("_n")
+        .unique(["symbol", "timeframe", "start"], keep="last")
+        .drop("_n")
+        .sort("symbol", "timeframe", "start")
+    )
+
+
+COMPARED = [
+    "symbol",
+    "timeframe",
+    "start",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "vwap",
+    "trades",
+    "buy_volume",
+    "sell_volume",
+    *IndicatorParams().columns,
+]
+
+
+def test_replayed_bars_equal_bars_computed_from_the_trades(recording: tuple[Path, list]) -> None:
+    path, trades = recording
+    got = replay(path)
+    records = got.records
+    assert set(records["state"]) == {"final"}  # end of file: everything final, nothing revised
+    mine = latest(records).select(COMPARED)
+    expected = direct_bars(trades).sort("symbol", "timeframe", "start").select(COMPARED)
+    assert mine.height == expected.height
+    assert mine.filter(pl.col("trades") == 0).height >= 14  # the quiet stretches
+    assert mine.equals(expected)
+    assert mine.filter(pl.col("timeframe") == "1s")["rsi_14"].null_count() == 2 * 14
+
+
+def test_replay_speed_and_batch_size_do_not_matter(recording: tuple[Path, list]) -> None:
+    path, _ = recording
+    fast = replay(path).records.sort("symbol", "timeframe", "start", "state")
+    paced = replay(path, speed=40.0, batch=97).records.sort("symbol", "timeframe", "start", "state")
+    assert paced.equals(fast)
+
+
+@settings(max_examples=5, deadline=None)
+@given(batch=st.integers(min_value=1, max_value=5_000))
+def test_any_batch_size_gives_the_same_bars(recording: tuple[Path, list], batch: int) -> None:
+    path, _ = recording
+    base = replay(path).records.sort("symbol", "timeframe", "start", "state")
+    assert (
+        replay(path, batch=batch).records.sort("symbol", "timeframe", "start", "state").equals(base)
+    )
+
+
+def test_feed_aggregates_as_bar_source_and_their_drift() -> None:
+    out = Capture()
+    with DemoFeed(api_key=API_KEY, seed=3, bar_seconds=0.2) as feed:
+        client = FeedClient(
+            feed.url, API_KEY, ["BTC-USD"], ("XT", "XAS"), options=FeedOptions(poll_interval=0.05)
+        )
+        pipeline = Pipeline(
+            client,
+            ["X:BTCUSD"],
+            [out],
+            bar_source="polygon",
+            bars=BarOptions(timeframes=(1_000,), lateness=1_500),
+        )
+        pipeline.run(duration=5.0)
+    final = out.records.filter(pl.col("state") == "final")
+    assert final.height >= 2
+    assert final["buy_volume"].sum() == 0  # the feed's aggregates do not split sides
+    drift = [n for n in out.notices if n.event == "drift"]
+    assert len(drift) == 1 and "bars compared" in drift[0].detail
+    assert pipeline._drift.matched >= 2
+    # the demo feed computes its aggregates from its own trades: no drift at all
+    assert pipeline._drift.close_max < 1e-12

@@ -37,6 +37,7 @@ class Decoder:
 
     def __init__(self) -> None:
         self._decode_frame = msgspec.json.Decoder(list[Event]).decode
+        self._decode_frames = msgspec.json.Decoder(list[list[Event]]).decode
         self._raw_frame = msgspec.json.Decoder(list[msgspec.Raw])
         self._one = msgspec.json.Decoder(Event)
         self._tag = msgspec.json.Decoder(_Tag)
@@ -53,6 +54,18 @@ class Decoder:
             events = self._salvage(frame)
         stats.events += len(events)
         return events
+
+    def decode_many(self, frames: list[bytes]) -> list[list[Event]]:
+        """The events of each frame, as `decode` would give them, in one pass when all are
+        well-formed (one call instead of one per frame); otherwise frame by frame."""
+        try:
+            decoded = self._decode_frames(b"[" + b",".join(frames) + b"]")
+        except msgspec.DecodeError:
+            return [self.decode(f) for f in frames]
+        stats = self.stats
+        stats.frames += len(frames)
+        stats.events += sum(map(len, decoded))
+        return decoded
 
     def _salvage(self, frame: bytes | str) -> list[Event]:
         try:

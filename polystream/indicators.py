@@ -156,24 +156,11 @@ def _mean_deviation(x: pl.Expr, n: int, mean: pl.Expr) -> pl.Expr:
     return _div(dev, n)
 
 
-def _recursive(
-    x: pl.Series, alpha: float, seed_at: int, seed: float | None, start: int
-) -> pl.Series:
-    """y[t] = y[t-1] + alpha·(x[t] − y[t-1]) from row `start`, as TA-Lib's EMA and Wilder sums.
-
-    Rows before `seed_at` are null. With `seed` None the recursion starts at `seed_at` from the
-    mean of the n = round(1/alpha') values ending there (TA-Lib's SMA seed), computed by the
-    caller and passed as `x[seed_at]`; otherwise it continues from `seed` (the state at
-    `start - 1`). Only rows from `start` are meaningful in the result.
-    """
-    length = len(x)
-    if seed is None:
-        tail = x.slice(seed_at)
-        out = tail.ewm_mean(alpha=alpha, adjust=False)
-        return pl.concat([pl.Series([None] * seed_at, dtype=pl.Float64), out])
-    tail = pl.concat([pl.Series([seed], dtype=pl.Float64), x.slice(start)])
-    out = tail.ewm_mean(alpha=alpha, adjust=False).slice(1)
-    return pl.concat([pl.Series([None] * start, dtype=pl.Float64), out]).head(length)
+def _recursive(x: pl.Series, alpha: float, seed_at: int) -> pl.Series:
+    """y[t] = y[t-1] + alpha·(x[t] − y[t-1]) from the seed at `seed_at` (x[seed_at] itself);
+    null before it."""
+    out = x.slice(seed_at).ewm_mean(alpha=alpha, adjust=False)
+    return pl.concat([pl.Series([None] * seed_at, dtype=pl.Float64), out])
 
 
 def _seeded(x: pl.Series, n: int, seed_at: int) -> pl.Series:
@@ -292,96 +279,41 @@ def _finite_many(frames: list[pl.DataFrame], p: IndicatorParams) -> list[pl.Data
 
 
 def _compute(
-    frame: pl.DataFrame,
-    p: IndicatorParams,
-    start: int,
-    offset: int,
-    finite: pl.DataFrame | None = None,
+    frame: pl.DataFrame, p: IndicatorParams, finite: pl.DataFrame | None = None
 ) -> pl.DataFrame:
-    """Indicator and state columns for `frame`; rows from `start` are computed.
-
-    `offset` is the number of bars before the frame's first row. With offset 0 everything is
-    computed from the first bar, as TA-Lib does; otherwise recursive states continue from row
-    `start - 1`, which must hold them, and finite windows need only the rows before `start`.
-    `finite` may bring the finite-window columns already computed (`_finite_many`).
-    """
-    scratch = offset == 0
+    """Indicator and state columns for a whole series from its first bar, as TA-Lib computes
+    them; `finite` may bring the finite-window columns already computed (`_finite_many`)."""
     close = frame["close"].cast(pl.Float64)
     n = len(frame)
     if finite is None:
         (finite,) = _finite_many([frame], p)
+    nulls = pl.Series([None] * n, dtype=pl.Float64)
 
-    def state(name: str) -> float | None:
-        value = frame[name][start - 1] if name in frame.columns and start > 0 else None
-        return None if value is None else float(value)
+    def ema(x: pl.Series, period: int, seed_at: int, alpha: float | None = None) -> pl.Series:
+        """TA-Lib's recursion: seeded at `seed_at` with the mean of the `period` values ending
+        there, then y[t] = y[t-1] + alpha·(x[t] − y[t-1])."""
+        if n <= seed_at:
+            return nulls
+        return _recursive(_seeded(x, period, seed_at), alpha or 2 / (period + 1), seed_at)
 
-    # Recursive series: EMAs and Wilder averages, seeded like TA-Lib or continued from state.
+    # MACD: TA-Lib seeds the fast EMA so that it starts on the same bar as the slow one.
     slow_n, fast_n = max(p.macd_fast, p.macd_slow), min(p.macd_fast, p.macd_slow)
-    seed_at = slow_n - 1 - offset
-    if scratch:
-        ema_fast = (
-            _recursive(_seeded(close, fast_n, seed_at), 2 / (fast_n + 1), seed_at, None, 0)
-            if n > seed_at
-            else pl.Series([None] * n, dtype=pl.Float64)
-        )
-        ema_slow = (
-            _recursive(_seeded(close, slow_n, seed_at), 2 / (slow_n + 1), seed_at, None, 0)
-            if n > seed_at
-            else pl.Series([None] * n, dtype=pl.Float64)
-        )
-    else:
-        ema_fast = _recursive(close, 2 / (fast_n + 1), 0, state("_ema_fast"), start)
-        ema_slow = _recursive(close, 2 / (slow_n + 1), 0, state("_ema_slow"), start)
+    seed_at = slow_n - 1
+    ema_fast = ema(close, fast_n, seed_at)
+    ema_slow = ema(close, slow_n, seed_at)
     macd_raw = ema_fast - ema_slow
-    signal_at = slow_n - 1 + p.macd_signal - 1 - offset
-    if scratch:
-        signal = (
-            _recursive(
-                _seeded(macd_raw, p.macd_signal, signal_at),
-                2 / (p.macd_signal + 1),
-                signal_at,
-                None,
-                0,
-            )
-            if n > signal_at
-            else pl.Series([None] * n, dtype=pl.Float64)
-        )
-    else:
-        signal = _recursive(macd_raw, 2 / (p.macd_signal + 1), 0, state("macd_signal"), start)
-    first_macd = signal_at
-    valid = pl.Series([i >= first_macd for i in range(n)]) if scratch else None
-    macd_line = (
-        macd_raw
-        if valid is None
-        else macd_raw.zip_with(valid, pl.Series([None] * n, dtype=pl.Float64))
-    )
+    signal_at = slow_n - 1 + p.macd_signal - 1
+    signal = ema(macd_raw, p.macd_signal, signal_at)
+    valid = pl.Series([i >= signal_at for i in range(n)], dtype=pl.Boolean)
+    macd_line = macd_raw.zip_with(valid, nulls)
 
     change = close.diff()
-    gain = change.clip(lower_bound=0.0)
-    loss = (-change).clip(lower_bound=0.0)
-    rsi_at = p.rsi - offset
-    if scratch:
-        if n > rsi_at:
-            avg_gain = _recursive(_seeded(gain, p.rsi, rsi_at), 1 / p.rsi, rsi_at, None, 0)
-            avg_loss = _recursive(_seeded(loss, p.rsi, rsi_at), 1 / p.rsi, rsi_at, None, 0)
-        else:
-            avg_gain = avg_loss = pl.Series([None] * n, dtype=pl.Float64)
-    else:
-        avg_gain = _recursive(gain, 1 / p.rsi, 0, state("_gain"), start)
-        avg_loss = _recursive(loss, 1 / p.rsi, 0, state("_loss"), start)
+    avg_gain = ema(change.clip(lower_bound=0.0), p.rsi, p.rsi, 1 / p.rsi)
+    avg_loss = ema((-change).clip(lower_bound=0.0), p.rsi, p.rsi, 1 / p.rsi)
 
     extra: dict[str, pl.Series] = {}
     for m in p.ema:
-        at = m - 1 - offset
-        if scratch:
-            extra[f"ema_{m}"] = (
-                _recursive(_seeded(close, m, at), 2 / (m + 1), at, None, 0)
-                if n > at
-                else pl.Series([None] * n, dtype=pl.Float64)
-            )
-        else:
-            extra[f"ema_{m}"] = _recursive(close, 2 / (m + 1), 0, state(f"_ema_{m}"), start)
-        extra[f"_ema_{m}"] = extra[f"ema_{m}"]
+        extra[f"ema_{m}"] = extra[f"_ema_{m}"] = ema(close, m, m - 1)
 
     recursive = pl.DataFrame(
         {
@@ -405,12 +337,67 @@ def _compute(
     return out.select([*p.columns, *_state_names(p)])
 
 
+def _continue(
+    frame: pl.DataFrame,
+    p: IndicatorParams,
+    start: int,
+    finite: pl.DataFrame,
+    state: dict[str, float | None],
+) -> pl.DataFrame:
+    """Rows from `start` of a long-running series, every recursion continuing from `state` (the
+    values at row `start - 1`): one polars pass for all of them."""
+    slow_n, fast_n = max(p.macd_fast, p.macd_slow), min(p.macd_fast, p.macd_slow)
+    first = pl.int_range(pl.len()) == 0
+
+    def carry(x: pl.Expr, name: str, alpha: float) -> pl.Expr:
+        # the row before `start` holds the state; the recursion runs on from it
+        return (
+            pl.when(first)
+            .then(pl.lit(state[name], pl.Float64))
+            .otherwise(x)
+            .ewm_mean(alpha=alpha, adjust=False)
+            .alias(name)
+        )
+
+    close = pl.col("close")
+    change = close.diff()
+    step = (
+        frame.slice(start - 1)
+        .select(close.cast(pl.Float64))
+        .select(
+            carry(close, "_ema_fast", 2 / (fast_n + 1)),
+            carry(close, "_ema_slow", 2 / (slow_n + 1)),
+            carry(change.clip(lower_bound=0.0), "_gain", 1 / p.rsi),
+            carry((-change).clip(lower_bound=0.0), "_loss", 1 / p.rsi),
+            *(carry(close, f"_ema_{m}", 2 / (m + 1)) for m in p.ema),
+        )
+    )
+    gain, loss = pl.col("_gain"), pl.col("_loss")
+    out = (
+        step.with_columns((pl.col("_ema_fast") - pl.col("_ema_slow")).alias("_macd_raw"))
+        .with_columns(carry(pl.col("_macd_raw"), "macd_signal", 2 / (p.macd_signal + 1)))
+        .slice(1)
+        .with_columns(
+            pl.col("_macd_raw").alias("macd"),
+            (pl.col("_macd_raw") - pl.col("macd_signal")).alias("macd_hist"),
+            pl.when((gain + loss) != 0)
+            .then(100.0 * (gain / (gain + loss)))
+            .otherwise(0.0)
+            .alias(f"rsi_{p.rsi}"),
+            *(pl.col(f"_ema_{m}").alias(f"ema_{m}") for m in p.ema),
+        )
+    )
+    return pl.concat([finite.slice(start), out], how="horizontal").select(
+        [*p.columns, *_state_names(p)]
+    )
+
+
 def compute(bars: pl.DataFrame, params: IndicatorParams | None = None) -> pl.DataFrame:
     """`bars` (with open, high, low, close in time order) plus every indicator column."""
     p = params or IndicatorParams()
     if bars.height == 0:
         return bars.with_columns(pl.lit(None, dtype=pl.Float64).alias(c) for c in p.columns)
-    values = _compute(bars, p, 0, 0).select(p.columns)
+    values = _compute(bars, p).select(p.columns)
     return pl.concat(
         [bars.drop([c for c in p.columns if c in bars.columns]), values], how="horizontal"
     )
@@ -465,18 +452,13 @@ class IndicatorState:
     ) -> pl.DataFrame:
         p = self.params
         if self.dropped == 0:
-            computed = _compute(frame, p, 0, 0, finite)
+            computed = _compute(frame, p, finite)
         else:
             assert self.history is not None
             states = self.history.select([*p.columns, *_state_names(p)]).head(first)
-            pending = _compute(
-                pl.concat([frame, _pad(states, frame.height)], how="horizontal"),
-                p,
-                first,
-                self.dropped,
-                finite,
-            )
-            computed = pl.concat([states, pending.slice(first)], how="vertical_relaxed")
+            at = states.row(first - 1, named=True)
+            pending = _continue(frame, p, first, finite, at)
+            computed = pl.concat([states, pending], how="vertical_relaxed")
         full = pl.concat([frame, computed], how="horizontal")
         self.history = full
         if full.height > self.keep:
@@ -511,13 +493,3 @@ def update_many(
         else:
             out.append(st._commit(plan[0], plan[1], finite[i], bars, revising))
     return out
-
-
-def _pad(states: pl.DataFrame, height: int) -> pl.DataFrame:
-    missing = height - states.height
-    if missing <= 0:
-        return states.head(height)
-    blank = pl.DataFrame(
-        {c: pl.Series([None] * missing, dtype=states[c].dtype) for c in states.columns}
-    )
-    return pl.concat([states, blank], how="vertical_relaxed")

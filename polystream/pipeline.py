@@ -18,7 +18,6 @@ import polars as pl
 
 from .batch import Batch, Batcher
 from .config import timeframe_name
-from .decode import Decoder
 from .errors import FeedError, PolystreamError
 from .events import SIDE_UNKNOWN
 from .record import Recorder
@@ -155,8 +154,8 @@ class Pipeline:
         self._watched = pl.Series(list(self.symbols), dtype=pl.String)
         self.outputs = list(outputs)
         self.recorder = recorder
-        self.decoder = Decoder()
         self.batcher = batcher or Batcher()
+        self.decoder = self.batcher.decoder
         self.engine = BarEngine(bars)
         self.bar_source = bar_source
         self._shadow = BarEngine(bars) if bar_source == "polygon" else None
@@ -267,7 +266,7 @@ class Pipeline:
                 for frame in item.frames if isinstance(item, Frames) else (item,):
                     if self.recorder is not None:
                         self.recorder.write(frame)
-                    self.batcher.add(self.decoder.decode(frame.data), frame.received)
+                    self.batcher.add(frame.data, frame.received)
                     last = frame
                 if self.batcher.due():
                     self._flush()

@@ -38,9 +38,7 @@ STATE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "buy_volume": pl.Float64,
     "sell_volume": pl.Float64,
     "first_t": pl.Int64,
-    "first_seq": pl.Int64,
     "last_t": pl.Int64,
-    "last_seq": pl.Int64,
 }
 RECORD_COLUMNS = [
     "symbol",
@@ -77,11 +75,14 @@ class BarStats(msgspec.Struct):
     too_late: int = 0
 
 
+# Rows reach the merge in arrival order (stored or open bars first), so "earliest event time,
+# then earliest arrival" is the first minimum and "latest event time, then latest arrival" is
+# the last maximum.
 _MERGE = [
-    pl.col("open").sort_by(["first_t", "first_seq"], nulls_last=True).first(),
+    pl.col("open").filter(pl.col("first_t") == pl.col("first_t").min()).first(),
     pl.col("high").max(),
     pl.col("low").min(),
-    pl.col("close").sort_by(["last_t", "last_seq"], nulls_last=False).last(),
+    pl.col("close").filter(pl.col("last_t") == pl.col("last_t").max()).last(),
     # Sums as a left fold in arrival order: the same additions whatever the batch cuts.
     pl.col("volume").cum_sum().last(),
     pl.col("pv").cum_sum().last(),
@@ -89,9 +90,7 @@ _MERGE = [
     pl.col("buy_volume").cum_sum().last(),
     pl.col("sell_volume").cum_sum().last(),
     pl.col("first_t").min(),
-    pl.col("first_seq").sort_by(["first_t", "first_seq"], nulls_last=True).first(),
     pl.col("last_t").max(),
-    pl.col("last_seq").sort_by(["last_t", "last_seq"], nulls_last=False).last(),
 ]
 _KEYS = ["symbol", "tf", "start"]
 
@@ -111,7 +110,6 @@ class BarEngine:
         self.watermark = _NEVER
         self.offset: int | None = None
         self.stats = BarStats()
-        self._seq = 0
         # receipt time of the last frame seen, and the watermark before it
         self._frame = (_NEVER, _NEVER)
         self._indicators: dict[tuple[str, int], IndicatorState] = {}
@@ -203,7 +201,6 @@ class BarEngine:
         """Merge partial bars (one per trade or aggregate) in arrival order; `source` picks,
         per timeframe, which rows build it."""
         o = self.options
-        n = partials.height
         lead = (partials["time"] - partials["received"]).cum_max()
         if self.offset is not None:
             lead = lead.clip(lower_bound=self.offset)
@@ -230,11 +227,9 @@ class BarEngine:
         self.watermark = int(wm[-1])
         rows = partials.with_columns(
             before,
-            pl.int_range(self._seq, self._seq + n, dtype=pl.Int64).alias("first_seq"),
             pl.col("time").alias("first_t"),
             pl.col("time").alias("last_t"),
-        ).with_columns(pl.col("first_seq").alias("last_seq"))
-        self._seq += n
+        )
         stacked = pl.concat(
             [
                 (rows if source is None else rows.filter(source(tf))).with_columns(
@@ -316,6 +311,14 @@ class BarEngine:
             return None
         if (upto - begin) // tf > self.options.max_fill:
             begin = upto - self.options.max_fill * tf
+        if (
+            real is not None
+            and real.height == (upto - begin) // tf + 1
+            and int(real["start"][0]) == begin
+        ):
+            # every bucket has trades (the usual case): nothing to fill
+            self._last[key] = (upto, float(real["close"][-1]))
+            return real.select(STATE_SCHEMA.keys())
         grid = pl.DataFrame(
             {"start": pl.int_range(begin, upto + tf, tf, dtype=pl.Int64, eager=True)}
         )

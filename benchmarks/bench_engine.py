@@ -1,0 +1,802 @@
+"""End-to-end throughput and memory benchmark of the polystream pipeline on a replayed recording.
+
+One run, one seeded and realistic crypto stream over X:BTCUSD, X:ETHUSD and X:SOLUSD (feed pairs
+BTC-USD, ETH-USD, SOL-USD): ~75% XT trades (string ids, side conditions [1] or [2], fractional
+sizes), ~25% XQ quotes, in JSON-array frames of 1-20 events spanning at most 50 ms. Event time
+advances at about `--rate` (300) events/s per symbol, in calmer and busier spells with the odd
+lull, so 2 M events span about half an hour and 10 M about three hours, and 1 s, 1 m and 5 m bars
+all close many times. Each frame's receipt time is its latest event time plus a few ms of latency;
+about one trade in a thousand arrives up to 1.5 s late, inside the allowed lateness of 2 s, so
+the watermark has to hold bars open for it. The stream is generated and written (untimed,
+streamed, never held in memory) with polystream's `Recorder` to a plain recording in a temporary
+directory.
+
+It measures:
+
+1. Throughput, best of `--repeat` runs on one pinned CPU (every thread of the process):
+   - end to end: ``Pipeline(ReplaySource(path), symbols, outputs=[], bars=BarOptions(timeframes=
+     (1000, 60000, 300000)), live=False).run()``, that is read, decode, micro-batches, bars at
+     1 s, 1 m and 5 m and every oscillator; the final bar count is checked against the stream's
+     event-time span, and the peak RSS (``ru_maxrss``) of those runs is reported;
+   - reading alone: ``read_recording`` iterated, and a ``ReplaySource`` whose queue is drained
+     with no processing (the reader thread plus the hand-off the pipeline pays for);
+   - in memory, over the recording's frames read beforehand: ``Decoder().decode`` alone; decode
+     plus ``Batcher.add``/``flush`` every 50,000 events (the pipeline's batch size); and
+     ``BarEngine.add_trades`` plus ``finish`` over the trades of those batches;
+   then each stage's share of the end-to-end time, and the ratios of end to end to each stage.
+2. Memory: in a fresh interpreter (so that what the sections above freed but the allocator kept
+   does not count), an end-to-end run over `--memory-events` events from a longer recording, with
+   RSS sampled at ten checkpoints by an output passed to the pipeline, and its growth from the
+   first checkpoint to the last.
+3. `--filters K`: a placeholder for timing the pipeline with K filters attached, for when
+   polystream has a filter engine.
+4. A summary against the targets: >= 500,000 events/s end to end on one core, flat memory.
+
+Run from the project root:
+
+    . .venv/bin/activate
+    python benchmarks/bench_engine.py [--events N] [--memory-events M] [--filters K]
+
+The defaults (2 M events timed, 10 M for memory) take about five minutes, most of it writing the
+recordings. The exit code is always 0: this reports numbers, it does not gate anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import itertools
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import polars as pl
+
+from polystream.batch import Batcher
+from polystream.decode import Decoder
+from polystream.pipeline import Output, Pipeline, Snapshot
+from polystream.record import Recorder, ReplaySource, read_recording
+from polystream.source import EndOfStream, Frame, Frames, Notice
+from polystream.window import BarEngine, BarOptions
+
+TARGET_EVENTS_PER_S = 500_000
+TIMEFRAMES = (1_000, 60_000, 300_000)
+MIB = 1024 * 1024
+
+# Start of the synthetic session (2024-05-29T16:26:40Z); only relative times matter.
+T0_MS = 1_717_000_000_000
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    symbol: str  # REST form, as the pipeline is asked for it
+    pair: str  # the feed's form, as the frames carry it
+    price: float  # starting price, USD
+    price_dp: int  # decimals of the venue's price tick
+    weight: float  # share of the traffic
+    size: float  # median trade size, base currency
+    size_dp: int
+
+
+PAIRS: tuple[PairSpec, ...] = (
+    PairSpec("X:BTCUSD", "BTC-USD", 67_250.0, 2, 0.40, 0.012, 8),
+    PairSpec("X:ETHUSD", "ETH-USD", 3_480.0, 2, 0.35, 0.15, 8),
+    PairSpec("X:SOLUSD", "SOL-USD", 148.0, 3, 0.25, 3.0, 6),
+)
+SYMBOLS = [p.symbol for p in PAIRS]
+EXCHANGES = (1, 2, 6, 10, 23)  # Coinbase, Bitfinex, Bitstamp, Binance, Kraken
+TRADE_SHARE = 0.75
+LATE_TRADE_SHARE = 0.001
+MAX_LATE_MS = 1_500
+FRAME_WINDOW_MS = 50
+
+
+@dataclass
+class StreamInfo:
+    """What the generator wrote, for the report and the sanity checks."""
+
+    path: Path
+    events: int = 0
+    frames: int = 0
+    trades: int = 0
+    quotes: int = 0
+    late_trades: int = 0
+    bytes: int = 0
+    first_trade: dict[str, int] = field(default_factory=dict)
+    last_trade: dict[str, int] = field(default_factory=dict)
+    first_ms: int = 0
+    last_ms: int = 0
+
+    @property
+    def span_s(self) -> float:
+        return (self.last_ms - self.first_ms) / 1000
+
+    def expected_final_bars(self) -> int:
+        """Every bucket from each symbol's first to last trade, empty ones filled, at each tf."""
+        return sum(
+            self.last_trade[s] // tf - self.first_trade[s] // tf + 1
+            for s in self.first_trade
+            for tf in TIMEFRAMES
+        )
+
+
+# --- the stream -----------------------------------------------------------------------------------
+
+
+class _PairState:
+    """Random-walk price and trade id per pair, so consecutive events look like one market."""
+
+    def __init__(self, spec: PairSpec, rng: random.Random) -> None:
+        self.spec = spec
+        self.mid = spec.price
+        self.tick = 10.0**-spec.price_dp
+        self.min_size = 10.0**-spec.size_dp
+        self.trade_id = rng.randrange(100_000_000, 900_000_000)
+
+
+def generate_frames(n_events: int, seed: int, rate: float, info: StreamInfo) -> Iterator[Frame]:
+    """Yield the frames of the stream one by one, counting what they hold into `info`."""
+    rng = random.Random(seed)
+    states = [_PairState(spec, rng) for spec in PAIRS]
+    cumulative = list(itertools.accumulate(spec.weight for spec in PAIRS))
+    encode = msgspec.json.encode
+    base_gap = 1000.0 / (rate * len(PAIRS))  # mean ms between events at intensity 1
+    now = float(T0_MS)
+    received = T0_MS
+    spell_end = now
+    gap = base_gap
+    first, last = info.first_trade, info.last_trade
+    made = 0
+    # The feed sends what it has every few tens of ms: a frame never spans more than that.
+    frame_end = now
+    pending = False
+    while made < n_events:
+        batch: list[dict[str, Any]] = []
+        max_t = 0
+        for _ in range(min(rng.randint(1, 20), n_events - made)):
+            if pending:  # the event that did not fit in the previous frame opens this one
+                pending = False
+                frame_end = now + FRAME_WINDOW_MS
+            else:
+                if now >= spell_end:
+                    # Busier and calmer spells of 5-60 s (mean intensity 1), now and then a lull.
+                    spell_end = now + rng.uniform(5_000, 60_000)
+                    quiet = rng.random() < 0.03
+                    gap = base_gap * (200.0 if quiet else 1.0 / rng.lognormvariate(-0.245, 0.7))
+                now += rng.expovariate(1.0 / gap)
+                if not batch:
+                    frame_end = now + FRAME_WINDOW_MS
+                elif now > frame_end:
+                    pending = True
+                    break
+            t = int(now) - rng.randint(0, 25)  # venues' clocks and paths differ by a few ms
+            r = rng.random()
+            st = states[0 if r < cumulative[0] else 1 if r < cumulative[1] else 2]
+            spec = st.spec
+            st.mid *= math.exp(rng.gauss(0.0, 1.2e-4))
+            if rng.random() < TRADE_SHARE:
+                if rng.random() < LATE_TRADE_SHARE:
+                    t = int(now) - rng.randint(100, MAX_LATE_MS)
+                    info.late_trades += 1
+                st.trade_id += rng.randint(1, 3)
+                batch.append(
+                    {
+                        "ev": "XT",
+                        "pair": spec.pair,
+                        "p": round(st.mid + rng.choice((-0.5, 0.5)) * st.tick, spec.price_dp),
+                        "t": t,
+                        "s": _size(rng, st, 1.0),
+                        "c": [1 if rng.random() < 0.48 else 2],
+                        "i": str(st.trade_id),
+                        "x": rng.choice(EXCHANGES),
+                        "r": t + rng.randint(1, 6),
+                    }
+                )
+                info.trades += 1
+                first[spec.symbol] = min(first.get(spec.symbol, t), t)
+                last[spec.symbol] = max(last.get(spec.symbol, t), t)
+            else:
+                half = st.tick * rng.randint(1, 6) / 2
+                batch.append(
+                    {
+                        "ev": "XQ",
+                        "pair": spec.pair,
+                        "bp": round(st.mid - half, spec.price_dp),
+                        "bs": _size(rng, st, 4.0),
+                        "ap": round(st.mid + half, spec.price_dp),
+                        "as": _size(rng, st, 4.0),
+                        "t": t,
+                        "x": rng.choice(EXCHANGES),
+                        "r": t + rng.randint(1, 6),
+                    }
+                )
+                info.quotes += 1
+            max_t = max(max_t, t)
+        received = max(received, max_t + 2 + int(rng.expovariate(1 / 6)))
+        data = encode(batch)
+        made += len(batch)
+        info.frames += 1
+        info.bytes += len(data)
+        yield Frame(received, data)
+    info.events = made
+    info.first_ms = T0_MS
+    info.last_ms = received
+
+
+def _size(rng: random.Random, st: _PairState, scale: float) -> float:
+    # Trade sizes are heavy-tailed: lognormal around the pair's median, never rounded to zero.
+    size = round(st.spec.size * scale * rng.lognormvariate(0.0, 1.2), st.spec.size_dp)
+    return size or st.min_size
+
+
+def write_recording(path: Path, n_events: int, seed: int, rate: float) -> StreamInfo:
+    """Stream the generator into a recording with polystream's `Recorder`."""
+    info = StreamInfo(path)
+    recorder = Recorder(path)
+    try:
+        for frame in generate_frames(n_events, seed, rate, info):
+            recorder.write(frame)
+    finally:
+        recorder.close()
+    return info
+
+
+def describe(info: StreamInfo, built_in: float) -> None:
+    print(f"  built in {built_in:.1f} s (not timed below): {info.path}")
+    print(
+        f"  {info.frames:,} frames, {info.events:,} events "
+        f"({info.events / info.frames:.2f}/frame), {info.bytes / MIB:.1f} MiB of JSON"
+    )
+    print(
+        f"  mix: XT {info.trades / info.events:.1%}, XQ {info.quotes / info.events:.1%}; "
+        f"{info.late_trades:,} trades up to {MAX_LATE_MS / 1000:g} s late"
+    )
+    print(
+        f"  event time spans {info.span_s / 3600:.2f} h "
+        f"({info.events / info.span_s / len(PAIRS):.0f} events/s per symbol on average)"
+    )
+
+
+# --- the measured paths ---------------------------------------------------------------------------
+
+
+@dataclass
+class EndToEnd:
+    seconds: float
+    events: int
+    frames: int
+    final_bars: int
+    revised: int
+    too_late: int
+    rejected: int
+
+
+def run_end_to_end(path: Path, outputs: Sequence[Output] = ()) -> EndToEnd:
+    pipeline = Pipeline(
+        ReplaySource(path),
+        SYMBOLS,
+        outputs=outputs,
+        bars=BarOptions(timeframes=TIMEFRAMES),
+        live=False,
+    )
+    t0 = time.perf_counter()
+    result = pipeline.run()
+    elapsed = time.perf_counter() - t0
+    if result.interrupted:
+        raise KeyboardInterrupt
+    d, b = pipeline.decoder.stats, pipeline.engine.stats
+    return EndToEnd(
+        elapsed, d.events, d.frames, b.final, b.revised, b.too_late, result.snapshot.feed.rejected
+    )
+
+
+def run_read_recording(path: Path) -> int:
+    n = 0
+    for _ in read_recording(path):
+        n += 1
+    return n
+
+
+def run_replay_drain(path: Path) -> int:
+    source = ReplaySource(path).start()
+    get = source.queue.get
+    n = 0
+    while True:
+        item = get()
+        if isinstance(item, Frame):
+            n += 1
+        elif isinstance(item, Frames):
+            n += len(item.frames)
+        elif isinstance(item, EndOfStream):
+            break
+    source.join()
+    return n
+
+
+def run_decode(frames: list[bytes]) -> int:
+    decode = Decoder().decode
+    n = 0
+    for frame in frames:
+        n += len(decode(frame))
+    return n
+
+
+def run_decode_batch(frames: list[bytes], received: list[int]) -> int:
+    batcher = Batcher()
+    add, due = batcher.add, batcher.due
+    n = 0
+    for frame, at in zip(frames, received, strict=True):
+        add(frame, at)
+        if due():
+            n += batcher.flush().size
+    return n + batcher.flush().size
+
+
+def best_of(
+    name: str, run: Callable[[], int], expected: int, events: int, repeat: int
+) -> tuple[float, float]:
+    """Best seconds and events/s of `repeat` rounds; `run` returns a count to check."""
+    times: list[float] = []
+    for rnd in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        n = run()
+        elapsed = time.perf_counter() - t0
+        if n != expected:
+            print(f"  WARNING {name} counted {n:,}, expected {expected:,}")
+        times.append(elapsed)
+        print(f"  round {rnd + 1}  {name:<40} {elapsed:7.3f} s  {fmt_rate(events / elapsed)}")
+    best = min(times)
+    return best, events / best
+
+
+def collect_trade_batches(frames: list[bytes], received: list[int]) -> list[pl.DataFrame]:
+    """The trades of each 50k-event batch, as the pipeline hands them to the bar engine."""
+    batcher = Batcher()
+    out: list[pl.DataFrame] = []
+    for frame, at in zip(frames, received, strict=True):
+        batcher.add(frame, at)
+        if batcher.due():
+            out.append(batcher.flush().trades)
+    out.append(batcher.flush().trades)
+    return out
+
+
+def run_bars(batches: list[pl.DataFrame]) -> int:
+    engine = BarEngine(BarOptions(timeframes=TIMEFRAMES))
+    for trades in batches:
+        engine.add_trades(trades)
+    engine.finish()
+    return engine.stats.final
+
+
+@dataclass
+class InMemory:
+    decode: float  # events/s of each stage alone
+    batch: float  # decode and batch
+    bars: float  # bars and oscillators from pre-built batches, per event of the stream
+
+
+def in_memory_rates(path: Path, events: int, final_bars: int, repeat: int) -> InMemory:
+    """Best events/s of the pipeline's stages, each alone, over the recording read into memory."""
+    print(f"\n== In memory, over the recording's frames read beforehand; best of {repeat} ==")
+    recorded = list(read_recording(path))
+    frames = [f.data for f in recorded]
+    received = [f.received for f in recorded]
+    del recorded
+    _, decode_rate = best_of("Decoder().decode", lambda: run_decode(frames), events, events, repeat)
+    _, batch_rate = best_of(
+        "decode + Batcher.add/flush (50k)",
+        lambda: run_decode_batch(frames, received),
+        events,
+        events,
+        repeat,
+    )
+    batches = collect_trade_batches(frames, received)
+    _, bars_rate = best_of(
+        "BarEngine.add_trades + finish",
+        lambda: run_bars(batches),
+        final_bars,
+        events,
+        repeat,
+    )
+    print(
+        f"  (the bar engine is fed the {sum(b.height for b in batches):,} trades in "
+        f"{len(batches)} batches; its rate counts every event of the stream, quotes included)"
+    )
+    return InMemory(decode_rate, batch_rate, bars_rate)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+class RssProbe:
+    """An output that samples RSS when the run passes each of `checkpoints` marks, and at close."""
+
+    def __init__(self, total_events: int, checkpoints: int) -> None:
+        self.total = total_events
+        self.step = total_events / checkpoints
+        self.checkpoints = checkpoints
+        self.next_mark = self.step
+        self.samples: list[tuple[int, int]] = []
+        self.records = 0
+        self.t0 = time.perf_counter()
+
+    def status(self, notice: Notice) -> None:
+        pass
+
+    def bars(self, records: pl.DataFrame) -> None:
+        self.records += records.height
+
+    def refresh(self, snapshot: Snapshot) -> None:
+        events = snapshot.feed.events
+        if events >= self.total:  # the last checkpoint is taken at close, after the final bars
+            return
+        if events >= self.next_mark and len(self.samples) < self.checkpoints - 1:
+            self._sample(events)
+            while self.next_mark <= events:
+                self.next_mark += self.step
+
+    def close(self, snapshot: Snapshot) -> None:
+        self._sample(snapshot.feed.events)
+
+    def _sample(self, events: int) -> None:
+        rss = rss_bytes()
+        self.samples.append((events, rss))
+        print(
+            f"  checkpoint {len(self.samples):>2}  {events:>12,} events  "
+            f"RSS {rss / MIB:8.1f} MiB  at {time.perf_counter() - self.t0:6.1f} s  "
+            f"({self.records:,} bar records so far)"
+        )
+
+
+@dataclass
+class MemoryResult:
+    events: int
+    growth: int
+    flat: bool
+    bars_ok: bool
+
+
+def memory_section(
+    path: Path, n_events: int, seed: int, rate: float, flat_mib: float
+) -> MemoryResult:
+    """Write the long recording, run it end to end with an `RssProbe`, print and return."""
+    t0 = time.perf_counter()
+    info = write_recording(path, n_events, seed, rate)
+    describe(info, time.perf_counter() - t0)
+    gc.collect()
+    print(f"  before the run: RSS {rss_bytes() / MIB:8.1f} MiB")
+    probe = RssProbe(info.events, checkpoints=10)
+    run = run_end_to_end(path, [probe])
+    path.unlink()
+    samples = probe.samples
+    growth = samples[-1][1] - samples[0][1]
+    flat = growth < flat_mib * MIB
+    bars_ok = run.final_bars == info.expected_final_bars()
+    peak, peak_label = own_peak_rss_bytes()
+    print(
+        f"  {run.events:,} events in {run.seconds:.1f} s ({fmt_rate(run.events / run.seconds)}), "
+        f"{run.final_bars:,} final bars (expected {info.expected_final_bars():,}: "
+        f"{'OK' if bars_ok else 'MISMATCH'}); peak RSS {peak_label} {peak / MIB:.1f} MiB"
+    )
+    print(
+        f"  growth, checkpoint 1 -> {len(samples)}: {growth / MIB:+.2f} MiB "
+        f"(flat means < {flat_mib:g} MiB): {_verdict(flat)}"
+    )
+    return MemoryResult(run.events, growth, flat, bars_ok)
+
+
+def memory_in_child(args: argparse.Namespace, cpu: int | None, tmp: Path) -> MemoryResult:
+    """Run `memory_section` in a fresh interpreter, so that memory the throughput sections freed
+    but the allocator kept counts neither in its RSS nor in its peak."""
+    result = tmp / "memory.json"
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        str(result),
+        "--memory-events",
+        str(args.memory_events),
+        "--seed",
+        str(args.seed + 1),
+        "--rate",
+        str(args.rate),
+        "--flat-mib",
+        str(args.flat_mib),
+        "--tmp",
+        str(tmp),
+    ]
+    if cpu is not None:
+        command += ["--cpu", str(cpu)]
+    sys.stdout.flush()
+    subprocess.run(command, check=True)
+    return msgspec.json.decode(result.read_bytes(), type=MemoryResult)
+
+
+def memory_child(args: argparse.Namespace) -> int:
+    pinned = pin_cpu(args.cpu)[1]
+    print(
+        f"  in a fresh process (pid {os.getpid()}), {pinned}; "
+        f"polars thread pool size {pl.thread_pool_size()}"
+    )
+    result = memory_section(
+        args.tmp / "memory.rec", args.memory_events, args.seed, args.rate, args.flat_mib
+    )
+    args.memory_child.write_bytes(msgspec.json.encode(result))
+    return 0
+
+
+# --- filters --------------------------------------------------------------------------------------
+
+
+def filters_section(k: int) -> None:
+    """PLACEHOLDER: time the pipeline with `k` filters attached once polystream has filters."""
+    print(f"\n== Filters (--filters {k}) ==")
+    if importlib.util.find_spec("polystream.filters") is None:
+        print("  filters: not available yet")
+        return
+    module = importlib.import_module("polystream.filters")
+    public = sorted(n for n in dir(module) if not n.startswith("_"))
+    if not public:
+        print(
+            "  filters: not available yet (polystream.filters exists but defines nothing: "
+            "it only ships example filter files)"
+        )
+        return
+    print(
+        f"  filters: polystream.filters defines {', '.join(public)}, but this placeholder does "
+        "not drive it yet; extend bench_engine.filters_section to time it"
+    )
+
+
+# --- measurement helpers --------------------------------------------------------------------------
+
+
+def pin_cpu(requested: int | None) -> tuple[int | None, str]:
+    """Pin every thread of the process (polars' pool included) to one CPU; new threads inherit."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None, "not pinned (os.sched_setaffinity unavailable on this platform)"
+    allowed = sorted(os.sched_getaffinity(0))
+    # The highest-numbered CPU tends to take fewer device interrupts than CPU 0.
+    cpu = allowed[-1] if requested is None else requested
+    try:
+        os.sched_setaffinity(0, {cpu})
+        threads = _threads()
+        for tid in threads:
+            os.sched_setaffinity(tid, {cpu})
+    except OSError as exc:
+        return None, f"not pinned (sched_setaffinity({cpu}) failed: {exc})"
+    return (
+        cpu,
+        f"pinned to CPU {cpu} (of {len(allowed)} allowed: {allowed}), {len(threads)} threads",
+    )
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def pinning_check() -> str:
+    masks = {tid: os.sched_getaffinity(tid) for tid in _threads()}
+    cpus = set().union(*masks.values())
+    return f"{len(masks)} threads, running on CPUs {sorted(cpus)}"
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def own_peak_rss_bytes() -> tuple[int, str]:
+    """Peak RSS of this process image: ru_maxrss survives exec and would count the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "(VmHWM)"
+    except OSError:
+        pass
+    return peak_rss_bytes(), "(ru_maxrss)"
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KiB on Linux but bytes on macOS.
+    return peak * (1 if sys.platform == "darwin" else 1024)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "(not installed: source tree)"
+
+
+def fmt_rate(per_s: float) -> str:
+    return f"{per_s / 1e6:6.3f} M events/s"
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--events", type=int, default=2_000_000, help="events in the timed stream")
+    ap.add_argument("--memory-events", type=int, default=10_000_000, help="events for the RSS run")
+    ap.add_argument("--filters", type=int, default=0, help="filters to attach (placeholder)")
+    ap.add_argument("--rate", type=float, default=300.0, help="event-time events/s per symbol")
+    ap.add_argument("--seed", type=int, default=20240529)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per path; best one counts")
+    ap.add_argument("--flat-mib", type=float, default=20.0, help="max RSS growth counted as flat")
+    ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: highest)")
+    ap.add_argument("--tmp", type=Path, default=None, help="directory for the recordings")
+    ap.add_argument("--memory-child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child is not None:
+        return memory_child(args)
+
+    print("== Environment ==")
+    print(
+        f"  python {platform.python_version()} ({platform.python_implementation()}), "
+        f"polars {version('polars')}, msgspec {version('msgspec')}, "
+        f"polystream {version('polystream')}"
+    )
+    print(f"  {platform.platform()}; CPU: {cpu_model()}")
+    cpu, pinned = pin_cpu(args.cpu)
+    print(f"  {pinned}; polars thread pool size {pl.thread_pool_size()}")
+    print(f"  gc enabled={gc.isenabled()}, thresholds={gc.get_threshold()} (left as is)")
+
+    with tempfile.TemporaryDirectory(prefix="bench_engine-", dir=args.tmp) as tmp:
+        path = Path(tmp) / "stream.rec"
+        print(f"\n== Stream (seed {args.seed}) ==")
+        t0 = time.perf_counter()
+        info = write_recording(path, args.events, args.seed, args.rate)
+        describe(info, time.perf_counter() - t0)
+        events = info.events
+
+        print(
+            f"\n== End to end: replay -> decode -> batches -> bars at 1s, 1m, 5m -> oscillators; "
+            f"best of {args.repeat} =="
+        )
+        rss_before = rss_bytes()
+        runs: list[EndToEnd] = []
+        for rnd in range(args.repeat):
+            gc.collect()
+            run = run_end_to_end(path)
+            runs.append(run)
+            print(
+                f"  round {rnd + 1}  {run.seconds:7.3f} s  {fmt_rate(run.events / run.seconds)}  "
+                f"{run.final_bars:,} final bars"
+            )
+        peak_e2e = peak_rss_bytes()
+        best = min(runs, key=lambda r: r.seconds)
+        e2e_rate = best.events / best.seconds
+        expected_bars = info.expected_final_bars()
+        bars_ok = all(r.final_bars == expected_bars for r in runs)
+        print(
+            f"  best     {best.seconds:7.3f} s  {fmt_rate(e2e_rate)}  "
+            f"({best.events:,} events decoded in {best.frames:,} frames)"
+        )
+        print(
+            f"  final bars {best.final_bars:,} (expected {expected_bars:,} from each symbol's "
+            f"trade span at 1s/1m/5m: {'OK' if bars_ok else 'MISMATCH'}); "
+            f"revised {best.revised}, too late {best.too_late}, rejected {best.rejected}"
+        )
+        if best.events != events:
+            print(f"  WARNING the pipeline decoded {best.events:,} events, expected {events:,}")
+        print(
+            f"  RSS before the runs {rss_before / MIB:.1f} MiB; peak RSS (ru_maxrss) "
+            f"{peak_e2e / MIB:.1f} MiB"
+        )
+        print(f"  pinning after the runs: {pinning_check()}")
+
+        print(f"\n== Reading the recording alone; best of {args.repeat} ==")
+        _, read_rate = best_of(
+            "read_recording() iterated",
+            lambda: run_read_recording(path),
+            info.frames,
+            events,
+            args.repeat,
+        )
+        _, drain_rate = best_of(
+            "ReplaySource, queue drained",
+            lambda: run_replay_drain(path),
+            info.frames,
+            events,
+            args.repeat,
+        )
+
+        stages = in_memory_rates(path, events, expected_bars, args.repeat)
+        gc.collect()
+
+        print("\n== Where the end-to-end time goes: each stage alone, per event of the stream ==")
+        e2e_us = 1e6 / e2e_rate
+        parts = [
+            ("ReplaySource, queue drained", 1e6 / drain_rate),
+            ("Decoder().decode", 1e6 / stages.decode),
+            (
+                "Batcher.add/flush (decode + batch - decode)",
+                1e6 / stages.batch - 1e6 / stages.decode,
+            ),
+            ("BarEngine.add_trades + finish, oscillators", 1e6 / stages.bars),
+        ]
+        parts.append(
+            (
+                "the rest, by difference (pipeline, GIL hand-offs)",
+                e2e_us - sum(us for _, us in parts),
+            )
+        )
+        print(f"  {'end to end':<52} {e2e_us:6.3f} us/event  100.0%")
+        for name, us in parts:
+            print(f"  {name:<52} {us:6.3f} us/event  {us / e2e_us:6.1%}")
+        print(f"  (read_recording alone, no thread or queue: {1e6 / read_rate:.3f} us/event)")
+        print(f"  ratio end to end / decode only        {e2e_rate / stages.decode:6.3f}")
+        print(f"  ratio end to end / decode + batch     {e2e_rate / stages.batch:6.3f}")
+        print(f"  ratio end to end / bar engine alone   {e2e_rate / stages.bars:6.3f}")
+        print(f"  ratio end to end / ReplaySource drain {e2e_rate / drain_rate:6.3f}")
+
+        if args.filters > 0:  # PLACEHOLDER until polystream has filters; see filters_section
+            filters_section(args.filters)
+
+        path.unlink()
+        print(f"\n== Memory: {args.memory_events:,} events end to end ==")
+        mem = memory_in_child(args, cpu, Path(tmp))
+
+    print("\n== Summary ==")
+    rows = [
+        (
+            f"end to end >= {TARGET_EVENTS_PER_S:,} events/s on one core",
+            f"{e2e_rate:,.0f} /s",
+            e2e_rate >= TARGET_EVENTS_PER_S,
+        ),
+        (
+            f"RSS flat over {mem.events:,} events (< {args.flat_mib:g} MiB growth)",
+            f"{mem.growth / MIB:+.2f} MiB",
+            mem.flat,
+        ),
+        ("final bars match the streams' spans", f"{best.final_bars:,}", bars_ok and mem.bars_ok),
+    ]
+    for target, measured, ok in rows:
+        print(f"  {target:<52} {measured:>16}   {_verdict(ok)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import chain, compress, repeat
+from operator import not_
 
 import msgspec
 import polars as pl
@@ -111,16 +112,33 @@ class Batcher:
             # Columns are built a cache-sized chunk at a time; the bars work on the whole batch.
             self._chunks.append(self._columns())
 
+    def add_many(self, frames: Sequence[tuple[int, bytes]]) -> None:
+        """Take several frames (receipt time, data) at once, as a replay hands them over."""
+        if not frames:
+            return
+        if self._since is None:
+            self._since = self._clock()
+        self._received += [f[0] for f in frames]
+        data = [f[1] for f in frames]
+        self._frames += data
+        self._bytes += sum(map(len, data))
+        self._count += len(frames)
+        if self._bytes >= CHUNK_BYTES:
+            self._chunks.append(self._columns())
+
     def due(self) -> bool:
         if self._total + self._bytes >= self.max_events * BYTES_PER_EVENT:
             return True
         return self._since is not None and self._clock() - self._since >= self.max_age
 
-    def _symbol_column(self, pairs: list[str]) -> list[str]:
+    def _symbol_column(self, pairs: list[str]) -> pl.Series:
+        """Feed pairs mapped to REST symbols, the mapping done once per distinct pair."""
+        series = pl.Series("symbol", pairs, dtype=pl.String)
         known = self._symbols
-        for pair in set(pairs).difference(known):
-            known[pair] = from_pair(pair)
-        return [known[p] for p in pairs]
+        for pair in series.unique().to_list():
+            if pair not in known:
+                known[pair] = from_pair(pair)
+        return series.replace_strict(known, return_dtype=pl.String)
 
     def flush(self) -> Batch:
         """Everything added since the last flush, as one batch."""
@@ -164,7 +182,7 @@ class Batcher:
         ag_received: list[int] = []
         books: list[tuple[str, Book]] = []
         if len(tr) < len(events):
-            for ev, at in compress(zip(events, received, strict=True), (not t for t in is_trade)):
+            for ev, at in compress(zip(events, received, strict=True), map(not_, is_trade)):
                 if isinstance(ev, Quote):
                     qu.append(ev)
                     qu_received.append(at)

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from .config import RedactingFilter, Redactor
 from .events import SIDE_BUY, SIDE_SELL
+from .features import BookFeatures
 from .pipeline import Snapshot, SymbolState
 from .source import Notice
 
@@ -105,6 +106,13 @@ def _signed(value: float | None) -> Text:
     return Text(f"{value:+.4g}", style="green" if value > 0 else "red" if value < 0 else "")
 
 
+def _signed_share(value: float | None) -> Text:
+    """An imbalance in [-1, 1] as a signed percentage: positive leans to the bid (buyers)."""
+    if value is None:
+        return Text("—", style="dim")
+    return Text(f"{value:+.0%}", style="green" if value > 0 else "red" if value < 0 else "")
+
+
 def _flow(buy: float | None, sell: float | None) -> Text:
     if not buy and not sell:
         return Text("—", style="dim")
@@ -156,6 +164,10 @@ class JsonLines:
         self._out.write(text.encode())
         self._out.flush()
 
+    def book(self, features: list[BookFeatures]) -> None:
+        for f in features:
+            self.write({"type": "book", **msgspec.structs.asdict(f)})
+
     def refresh(self, snapshot: Snapshot) -> None:
         pass
 
@@ -178,6 +190,9 @@ class TextLog:
     def bars(self, records: pl.DataFrame) -> None:
         for row in records.iter_rows(named=True):
             self._console.print(bar_line(row), highlight=False, soft_wrap=True)
+
+    def book(self, features: list[BookFeatures]) -> None:
+        pass  # book snapshots come several times a second: too many for plain lines
 
     def refresh(self, snapshot: Snapshot) -> None:
         pass
@@ -208,6 +223,9 @@ class Dashboard:
     def bars(self, records: pl.DataFrame) -> None:
         pass  # the latest bar per symbol arrives with each snapshot
 
+    def book(self, features: list[BookFeatures]) -> None:
+        pass  # the latest book per symbol arrives with each snapshot
+
     def refresh(self, snapshot: Snapshot) -> None:
         if not self._started:
             self._live.start()
@@ -231,6 +249,7 @@ class Dashboard:
             ("bid", "right"),
             ("ask", "right"),
             ("spread", "right"),
+            ("imbalance", "right"),
             ("events/s", "right"),
             ("age", "right"),
         ):
@@ -244,10 +263,14 @@ class Dashboard:
                 fmt_price(s.bid),
                 fmt_price(s.ask),
                 fmt_price(s.spread, s.ask),
+                _signed_share(s.imbalance),
                 f"{s.rate:,.0f}",
                 _age(s, snapshot.now_ms),
             )
         parts: list[Table | Panel | Text] = [table, self._bar_table(snapshot)]
+        books = [s for s in snapshot.symbols if s.book is not None]
+        if books:
+            parts.append(self._book_table(books))
         if self._notices:
             lines = Text()
             for n in self._notices:
@@ -311,6 +334,30 @@ class Dashboard:
                 _level(cci, -100, 100),
                 _level(_percent_b(b), 0, 1, digits=2),
                 state,
+            )
+        return table
+
+    def _book_table(self, symbols: list[SymbolState]) -> Table:
+        table = Table(expand=True, title="order book", title_style="bold")
+        for name in (
+            "symbol",
+            "depth imbalance",
+            "bid depth",
+            "ask depth",
+            "supports",
+            "resistances",
+        ):
+            table.add_column(name, justify="left" if name == "symbol" else "right")
+        for s in symbols:
+            b = s.book
+            assert b is not None
+            table.add_row(
+                Text(s.symbol, style="bold"),
+                _signed_share(b.depth_imbalance),
+                fmt_size(b.bid_depth),
+                fmt_size(b.ask_depth),
+                Text(" ".join(fmt_price(p, b.mid) for p in b.supports), style="green"),
+                Text(" ".join(fmt_price(p, b.mid) for p in b.resistances), style="red"),
             )
         return table
 

@@ -8,6 +8,7 @@ bars as `partial`, and returns a result with `interrupted` set; the CLI makes th
 
 from __future__ import annotations
 
+import gc
 import queue
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,8 @@ import polars as pl
 from .batch import Batch, Batcher
 from .config import timeframe_name
 from .errors import FeedError, PolystreamError
-from .events import SIDE_UNKNOWN
+from .events import SIDE_UNKNOWN, Book
+from .features import BookFeatures, book_features, quote_features
 from .record import Recorder
 from .source import EndOfStream, Frame, Frames, Gap, Item, Notice
 from .window import BarEngine, BarOptions
@@ -41,6 +43,8 @@ class SymbolState(msgspec.Struct):
     last_event_ms: int | None = None
     bar: dict[str, Any] | None = None
     bars: int = 0
+    imbalance: float | None = None
+    book: BookFeatures | None = None
 
     @property
     def spread(self) -> float | None:
@@ -85,6 +89,8 @@ class Output(Protocol):
     def status(self, notice: Notice) -> None: ...
 
     def bars(self, records: pl.DataFrame) -> None: ...
+
+    def book(self, features: list[BookFeatures]) -> None: ...
 
     def refresh(self, snapshot: Snapshot) -> None: ...
 
@@ -206,6 +212,9 @@ class Pipeline:
         """Process until the source ends, `duration` seconds pass, or Ctrl-C."""
         deadline = None if duration is None else time.monotonic() + duration
         interrupted = False
+        # What exists now (modules, settings) lives as long as the run: keep the collector's
+        # full passes from rescanning it over and over.
+        gc.freeze()
         self.source.start()
         next_refresh = time.monotonic()
         try:
@@ -263,11 +272,12 @@ class Pipeline:
         last: Frame | None = None
         for item in items:
             if isinstance(item, Frame | Frames):
-                for frame in item.frames if isinstance(item, Frames) else (item,):
-                    if self.recorder is not None:
+                frames = item.frames if isinstance(item, Frames) else (item,)
+                if self.recorder is not None:
+                    for frame in frames:
                         self.recorder.write(frame)
-                    self.batcher.add(frame.data, frame.received)
-                    last = frame
+                self.batcher.add_many(frames)
+                last = frames[-1]
                 if self.batcher.due():
                     self._flush()
             elif isinstance(item, Notice):
@@ -336,22 +346,31 @@ class Pipeline:
                 st.events += n
                 st.last_event_ms = max(st.last_event_ms or 0, t)
         if quotes.height:
-            last = quotes.group_by("symbol").agg(
-                pl.col("bid").last(),
-                pl.col("ask").last(),
-                pl.col("time").max(),
-                pl.len().alias("n"),
+            counts = dict(quotes.group_by("symbol").len().iter_rows())
+            # the last quote received per symbol is what the dashboard shows
+            latest = quote_features(quotes.group_by("symbol").last()).select(
+                "symbol", "bid", "ask", "imbalance", "time"
             )
-            for sym, bid, ask, t, n in last.iter_rows():
+            for sym, bid, ask, imbalance, t in latest.iter_rows():
                 st = self.symbols[sym]
-                st.bid, st.ask = bid, ask
-                st.quotes += n
-                st.events += n
+                st.bid, st.ask, st.imbalance = bid, ask, imbalance
+                st.quotes += counts[sym]
+                st.events += counts[sym]
                 st.last_event_ms = max(st.last_event_ms or 0, t)
-        for sym, _book in batch.books:
+        latest_books: dict[str, Book] = {}
+        for sym, book in batch.books:
             book_state = self.symbols.get(sym)
             if book_state is not None:
                 book_state.events += 1
+                latest_books[sym] = book
+        if latest_books:
+            features = [
+                book_features(sym, b.time, b.bids, b.asks) for sym, b in latest_books.items()
+            ]
+            for f in features:
+                self.symbols[f.symbol].book = f
+            for out in self.outputs:
+                out.book(features)
 
     def _bars(self, records: pl.DataFrame) -> None:
         if records.height == 0:

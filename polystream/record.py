@@ -104,7 +104,10 @@ class ReplaySource:
             raise RecordingError(f"The recording {path} does not exist.")
         self.path = path
         self.speed = speed
-        self.queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
+        # Unpaced, frames travel in chunks: the bound counts chunks, so scale it to keep about
+        # `queue_size` frames in flight either way.
+        slots = queue_size if speed else max(4, queue_size // CHUNK)
+        self.queue: queue.Queue[Item] = queue.Queue(maxsize=slots)
         self.state = "idle"
         self.reconnects = 0
         self.gaps: list[Gap] = []

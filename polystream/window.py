@@ -20,6 +20,7 @@ import msgspec
 import polars as pl
 
 from .config import timeframe_name
+from .features import flow_imbalance_expr
 from .indicators import IndicatorParams, IndicatorState, update_many
 
 _NEVER = -(2**62)
@@ -75,14 +76,14 @@ class BarStats(msgspec.Struct):
     too_late: int = 0
 
 
-# Rows reach the merge in arrival order (stored or open bars first), so "earliest event time,
-# then earliest arrival" is the first minimum and "latest event time, then latest arrival" is
-# the last maximum.
+# Rows reach the merge in arrival order (stored or open bars first), so a stable sort by event
+# time puts "earliest event time, then earliest arrival" first and "latest event time, then
+# latest arrival" last.
 _MERGE = [
-    pl.col("open").filter(pl.col("first_t") == pl.col("first_t").min()).first(),
+    pl.col("open").sort_by("first_t", maintain_order=True, nulls_last=True).first(),
     pl.col("high").max(),
     pl.col("low").min(),
-    pl.col("close").filter(pl.col("last_t") == pl.col("last_t").max()).last(),
+    pl.col("close").sort_by("last_t", maintain_order=True, nulls_last=False).last(),
     # Sums as a left fold in arrival order: the same additions whatever the batch cuts.
     pl.col("volume").cum_sum().last(),
     pl.col("pv").cum_sum().last(),
@@ -97,7 +98,12 @@ _KEYS = ["symbol", "tf", "start"]
 
 def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
     """Combine partial bars with the same key; open and close by event time, then arrival."""
-    both = pl.concat([f.select(STATE_SCHEMA.keys()) for f in frames], how="vertical_relaxed")
+    # Casting to the schema is free when the dtypes already match, and lets a plain vertical
+    # concat append chunks instead of copying them.
+    both = pl.concat(
+        [f.select(pl.col(k).cast(v) for k, v in STATE_SCHEMA.items()) for f in frames],
+        how="vertical",
+    )
     return both.group_by(_KEYS, maintain_order=True).agg(_MERGE).select(STATE_SCHEMA.keys())
 
 
@@ -430,6 +436,7 @@ class BarEngine:
             "sell_volume",
             pl.lit(state).alias("state"),
             *cols,
+            flow_imbalance_expr(),
         )
 
     def _empty(self) -> pl.DataFrame:
@@ -450,5 +457,6 @@ class BarEngine:
             "sell_volume": pl.Float64,
             "state": pl.String,
             **{c: pl.Float64 for c in cols},
+            "flow_imbalance": pl.Float64,
         }
         return pl.DataFrame(schema=schema)

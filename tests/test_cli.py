@@ -66,6 +66,7 @@ BAR_KEYS = [
     "bb_upper",
     "bb_middle",
     "bb_lower",
+    "flow_imbalance",
 ]
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import API_KEY
 from polystream.batch import Batcher
+from polystream.features import BookFeatures
 from polystream.indicators import IndicatorParams, compute
 from polystream.pipeline import Pipeline, Snapshot
 from polystream.record import Recorder, ReplaySource
@@ -33,12 +34,16 @@ class Capture:
     def __init__(self) -> None:
         self.notices: list[Notice] = []
         self.frames: list[pl.DataFrame] = []
+        self.books: list[BookFeatures] = []
 
     def status(self, notice: Notice) -> None:
         self.notices.append(notice)
 
     def bars(self, records: pl.DataFrame) -> None:
         self.frames.append(records)
+
+    def book(self, features: list[BookFeatures]) -> None:
+        self.books.extend(features)
 
     def refresh(self, snapshot: Snapshot) -> None:
         pass
@@ -58,14 +63,12 @@ def make_trades(seed: int = 1, n: int = 6_000) -> list[dict[str, object]]:
     clock = T0
     prices = {"BTC-USD": 4000.0, "ETH-USD": 150.0}
     out: list[dict[str, object]] = []
-    ident = 0
-    for k in range(n):
+    for ident, k in enumerate(range(n), 1):
         clock += rng.choice([0, 5, 20, 40, 60])
         if k in (1_500, 4_000):
             clock += 7_500  # seconds without any trade
         pair = rng.choice(list(SYMBOLS))
         prices[pair] *= 1 + rng.gauss(0, 2e-4)
-        ident += 1
         out.append(
             {
                 "ev": "XT",

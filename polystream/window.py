@@ -33,11 +33,11 @@ STATE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "high": pl.Float64,
     "low": pl.Float64,
     "close": pl.Float64,
-    "volume": pl.Float64,
-    "pv": pl.Float64,
+    "volume": pl.Int128,
+    "pv": pl.Int128,
     "trades": pl.Int64,
-    "buy_volume": pl.Float64,
-    "sell_volume": pl.Float64,
+    "buy_volume": pl.Int128,
+    "sell_volume": pl.Int128,
     "first_t": pl.Int64,
     "last_t": pl.Int64,
 }
@@ -84,16 +84,30 @@ _MERGE = [
     pl.col("high").max(),
     pl.col("low").min(),
     pl.col("close").sort_by("last_t", maintain_order=True, nulls_last=False).last(),
-    # Sums as a left fold in arrival order: the same additions whatever the batch cuts.
-    pl.col("volume").cum_sum().last(),
-    pl.col("pv").cum_sum().last(),
+    # Exact integer sums: the same whatever the order or the batch cuts.
+    pl.col("volume").sum(),
+    pl.col("pv").sum(),
     pl.col("trades").sum(),
-    pl.col("buy_volume").cum_sum().last(),
-    pl.col("sell_volume").cum_sum().last(),
+    pl.col("buy_volume").sum(),
+    pl.col("sell_volume").sum(),
     pl.col("first_t").min(),
     pl.col("last_t").max(),
 ]
 _KEYS = ["symbol", "tf", "start"]
+# Volumes and notionals are kept as exact integers of 1e-12 units: sums do not depend on the
+# order of the additions, so bars can be summed from partial sums and any batch cut gives the
+# same bar to the last bit. Twelve decimals are more than any venue quotes sizes with.
+UNITS = 1e12
+
+
+def _units(x: pl.Expr) -> pl.Expr:
+    return (x * UNITS).round().cast(pl.Int128)
+
+
+def _amount(x: pl.Expr) -> pl.Expr:
+    # Divided by a real column: polars may turn a division by a literal into a multiplication
+    # by its reciprocal, which is not always the correctly rounded quotient.
+    return x.cast(pl.Float64) / pl.col("_units")
 
 
 def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
@@ -142,11 +156,11 @@ class BarEngine:
             price.alias("high"),
             price.alias("low"),
             price.alias("close"),
-            size.alias("volume"),
-            (price * size).alias("pv"),
+            _units(size).alias("volume"),
+            _units(price * size).alias("pv"),
             pl.lit(1, pl.Int64).alias("trades"),
-            pl.when(side == 2).then(size).otherwise(0.0).alias("buy_volume"),
-            pl.when(side == 1).then(size).otherwise(0.0).alias("sell_volume"),
+            _units(pl.when(side == 2).then(size).otherwise(0.0)).alias("buy_volume"),
+            _units(pl.when(side == 1).then(size).otherwise(0.0)).alias("sell_volume"),
         )
         return self._ingest(partials)
 
@@ -166,15 +180,15 @@ class BarEngine:
             "high",
             "low",
             "close",
-            "volume",
-            (pl.col("vwap").fill_null(pl.col("close")) * pl.col("volume")).alias("pv"),
+            _units(pl.col("volume")).alias("volume"),
+            _units(pl.col("vwap").fill_null(pl.col("close")) * pl.col("volume")).alias("pv"),
             pl.when(pl.col("avg_size") > 0)
             .then((pl.col("volume") / pl.col("avg_size")).round(0))
             .otherwise(1)
             .cast(pl.Int64)
             .alias("trades"),
-            pl.lit(0.0).alias("buy_volume"),
-            pl.lit(0.0).alias("sell_volume"),
+            pl.lit(0, pl.Int128).alias("buy_volume"),
+            pl.lit(0, pl.Int128).alias("sell_volume"),
             pl.col("ev"),
         )
         # One pass in arrival order, so that the watermark sees both kinds as they came.
@@ -236,6 +250,28 @@ class BarEngine:
             pl.col("time").alias("first_t"),
             pl.col("time").alias("last_t"),
         )
+        merged: list[pl.DataFrame] = [self.open]
+        if source is None:
+            # Trades on time for the shortest timeframe are on time for every longer one: sum
+            # them up once per shortest bucket, then roll those partial bars up. Only the few
+            # others go through each timeframe one by one.
+            tf0 = min(o.timeframes)
+            start0 = pl.col("time") // tf0 * tf0
+            fast = (start0 + tf0 + o.lateness) > pl.col("w_before")
+            base = _merge(
+                [
+                    rows.filter(fast).with_columns(
+                        pl.lit(tf0, pl.Int64).alias("tf"), start0.alias("start")
+                    )
+                ]
+            )
+            merged += [
+                base.with_columns(
+                    pl.lit(tf, pl.Int64).alias("tf"), (pl.col("start") // tf * tf).alias("start")
+                )
+                for tf in o.timeframes
+            ]
+            rows = rows.filter(~fast)
         stacked = pl.concat(
             [
                 (rows if source is None else rows.filter(source(tf))).with_columns(
@@ -248,9 +284,9 @@ class BarEngine:
         ).with_columns(
             ((pl.col("start") + pl.col("tf") + o.lateness) <= pl.col("w_before")).alias("late")
         )
-        on_time = stacked.filter(~pl.col("late"))
-        if on_time.height:
-            self.open = _merge([self.open, on_time])
+        merged.append(stacked.filter(~pl.col("late")))
+        if sum(f.height for f in merged[1:]):
+            self.open = _merge(merged)
         emitted = []
         watermark = self.watermark
         late = stacked.filter(pl.col("late"))
@@ -353,7 +389,7 @@ class BarEngine:
                     pl.when(empty).then(pl.col("_carry")).otherwise(pl.col(c)).alias(c)
                     for c in ("open", "high", "low", "close")
                 ),
-                *(pl.col(c).fill_null(0.0) for c in ("volume", "pv", "buy_volume", "sell_volume")),
+                *(pl.col(c).fill_null(0) for c in ("volume", "pv", "buy_volume", "sell_volume")),
                 pl.col("trades").fill_null(0),
             )
             .drop("_carry")
@@ -413,6 +449,7 @@ class BarEngine:
 
     def _records(self, bars: pl.DataFrame, state: str) -> pl.DataFrame:
         cols = self.options.params.columns
+        bars = bars.with_columns(pl.Series("_units", [UNITS] * bars.height, dtype=pl.Float64))
         return bars.select(
             "symbol",
             pl.col("tf")
@@ -426,14 +463,14 @@ class BarEngine:
             "high",
             "low",
             "close",
-            "volume",
+            _amount(pl.col("volume")).alias("volume"),
             pl.when(pl.col("volume") > 0)
-            .then(pl.col("pv") / pl.col("volume"))
+            .then(pl.col("pv").cast(pl.Float64) / pl.col("volume").cast(pl.Float64))
             .otherwise(None)
             .alias("vwap"),
             "trades",
-            "buy_volume",
-            "sell_volume",
+            _amount(pl.col("buy_volume")).alias("buy_volume"),
+            _amount(pl.col("sell_volume")).alias("sell_volume"),
             pl.lit(state).alias("state"),
             *cols,
             flow_imbalance_expr(),

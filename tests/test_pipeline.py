@@ -130,6 +130,16 @@ def replay(path: Path, *, speed: float | None = None, batch: int = 50_000) -> Ca
     return out
 
 
+def units(x: pl.Expr) -> pl.Expr:
+    """Volumes are exact sums of 1e-12 units (see polystream.window)."""
+    return (x * 1e12).round().cast(pl.Int128)
+
+
+def amount(x: pl.Expr) -> pl.Expr:
+    """Units back to amounts, correctly rounded (numpy divides element by element)."""
+    return x.cast(pl.Float64).map_batches(lambda s: pl.Series(s.to_numpy() / 1e12))
+
+
 def direct_bars(trades: list[dict[str, object]]) -> pl.DataFrame:
     """Bars straight from the trades: no watermark, no batches, no streaming state."""
     frame = pl.DataFrame(
@@ -153,20 +163,14 @@ def direct_bars(trades: list[dict[str, object]]) -> pl.DataFrame:
                 pl.col("price").max().alias("high"),
                 pl.col("price").min().alias("low"),
                 pl.col("price").sort_by(["time", "seq"]).last().alias("close"),
-                pl.col("size").cum_sum().last().alias("volume"),
-                (pl.col("price") * pl.col("size")).cum_sum().last().alias("pv"),
+                units(pl.col("size")).sum().alias("volume"),
+                units(pl.col("price") * pl.col("size")).sum().alias("pv"),
                 pl.len().cast(pl.Int64).alias("trades"),
-                pl.when(pl.col("side") == 2)
-                .then(pl.col("size"))
-                .otherwise(0.0)
-                .cum_sum()
-                .last()
+                units(pl.when(pl.col("side") == 2).then(pl.col("size")).otherwise(0.0))
+                .sum()
                 .alias("buy_volume"),
-                pl.when(pl.col("side") == 1)
-                .then(pl.col("size"))
-                .otherwise(0.0)
-                .cum_sum()
-                .last()
+                units(pl.when(pl.col("side") == 1).then(pl.col("size")).otherwise(0.0))
+                .sum()
                 .alias("sell_volume"),
             )
             grid = pl.DataFrame(
@@ -186,7 +190,7 @@ def direct_bars(trades: list[dict[str, object]]) -> pl.DataFrame:
                         for c in ("open", "high", "low", "close")
                     ),
                     *(
-                        pl.col(c).fill_null(0.0)
+                        pl.col(c).fill_null(0)
                         for c in ("volume", "pv", "buy_volume", "sell_volume")
                     ),
                     pl.col("trades").fill_null(0),
@@ -195,7 +199,10 @@ def direct_bars(trades: list[dict[str, object]]) -> pl.DataFrame:
             full = compute(full, IndicatorParams()).with_columns(
                 pl.lit(symbol).alias("symbol"),
                 pl.lit(name).alias("timeframe"),
-                pl.when(pl.col("volume") > 0).then(pl.col("pv") / pl.col("volume")).alias("vwap"),
+                pl.when(pl.col("volume") > 0)
+                .then(pl.col("pv").cast(pl.Float64) / pl.col("volume").cast(pl.Float64))
+                .alias("vwap"),
+                *(amount(pl.col(c)).alias(c) for c in ("volume", "buy_volume", "sell_volume")),
             )
             out.append(full)
     return pl.concat(out, how="diagonal")

@@ -162,7 +162,7 @@ def test_indicator_columns_come_with_every_bar() -> None:
     rows = [t(k * 250, 100.0 + (k % 13) - (k % 5)) for k in range(400)]
     out = pl.concat([e.add_trades(trades(rows)), e.finish()])
     cols = IndicatorParams().columns
-    assert out.columns[-len(cols) :] == cols
+    assert out.columns[-len(cols) - 1 :] == [*cols, "flow_imbalance"]
     first_rsi = out["rsi_14"].is_not_null().arg_max()
     assert first_rsi == 14
 

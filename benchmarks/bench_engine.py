@@ -21,7 +21,7 @@ It measures:
    - reading alone: ``read_recording`` iterated, and a ``ReplaySource`` whose queue is drained
      with no processing (the reader thread plus the hand-off the pipeline pays for);
    - in memory, over the recording's frames read beforehand: ``Decoder().decode`` alone; decode
-     plus ``Batcher.add``/``flush`` every 50,000 events (the pipeline's batch size); and
+     plus ``Batcher.add``/``flush`` whenever it is due (the pipeline's batch size); and
      ``BarEngine.add_trades`` plus ``finish`` over the trades of those batches;
    then each stage's share of the end-to-end time, and the ratios of end to end to each stage.
 2. Memory: in a fresh interpreter (so that what the sections above freed but the allocator kept
@@ -365,7 +365,7 @@ def best_of(
 
 
 def collect_trade_batches(frames: list[bytes], received: list[int]) -> list[pl.DataFrame]:
-    """The trades of each 50k-event batch, as the pipeline hands them to the bar engine."""
+    """The trades of each batch, as the pipeline hands them to the bar engine."""
     batcher = Batcher()
     out: list[pl.DataFrame] = []
     for frame, at in zip(frames, received, strict=True):
@@ -400,7 +400,7 @@ def in_memory_rates(path: Path, events: int, final_bars: int, repeat: int) -> In
     del recorded
     _, decode_rate = best_of("Decoder().decode", lambda: run_decode(frames), events, events, repeat)
     _, batch_rate = best_of(
-        "decode + Batcher.add/flush (50k)",
+        "decode + Batcher.add/flush",
         lambda: run_decode_batch(frames, received),
         events,
         events,

@@ -185,7 +185,7 @@ def demo(
     record: Annotated[Path | None, typer.Option(help="Record every frame to FILE.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the demo feed.")] = 0,
 ) -> None:
-    """`watch X:BTCUSD X:ETHUSD --feed demo`: the whole pipeline, no key, no network."""
+    """`watch X:BTCUSD X:ETHUSD --feed demo -t 1s -t 1m`: the whole pipeline, no key, no network."""
     watch(
         ["X:BTCUSD", "X:ETHUSD"],
         feed="demo",

@@ -59,12 +59,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import polars as pl
+from bench_decode import cpu_model, fmt_rate, version
 
 from polystream.batch import Batcher
 from polystream.decode import Decoder
@@ -625,28 +625,6 @@ def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is KiB on Linux but bytes on macOS.
     return peak * (1 if sys.platform == "darwin" else 1024)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "(not installed: source tree)"
-
-
-def fmt_rate(per_s: float) -> str:
-    return f"{per_s / 1e6:6.3f} M events/s"
 
 
 def _verdict(ok: bool) -> str:

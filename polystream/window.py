@@ -41,22 +41,6 @@ STATE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "first_t": pl.Int64,
     "last_t": pl.Int64,
 }
-RECORD_COLUMNS = [
-    "symbol",
-    "timeframe",
-    "start",
-    "end",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "vwap",
-    "trades",
-    "buy_volume",
-    "sell_volume",
-    "state",
-]
 
 
 class BarOptions(msgspec.Struct, frozen=True):
@@ -477,23 +461,5 @@ class BarEngine:
         )
 
     def _empty(self) -> pl.DataFrame:
-        cols = self.options.params.columns
-        schema = {
-            "symbol": pl.String,
-            "timeframe": pl.String,
-            "start": pl.Int64,
-            "end": pl.Int64,
-            "open": pl.Float64,
-            "high": pl.Float64,
-            "low": pl.Float64,
-            "close": pl.Float64,
-            "volume": pl.Float64,
-            "vwap": pl.Float64,
-            "trades": pl.Int64,
-            "buy_volume": pl.Float64,
-            "sell_volume": pl.Float64,
-            "state": pl.String,
-            **{c: pl.Float64 for c in cols},
-            "flow_imbalance": pl.Float64,
-        }
-        return pl.DataFrame(schema=schema)
+        columns = {**STATE_SCHEMA, **{c: pl.Float64 for c in self.options.params.columns}}
+        return self._records(pl.DataFrame(schema=columns), "final")

@@ -25,7 +25,7 @@ class Trade(msgspec.Struct, tag_field="ev", tag="XT", gc=False):
     price: float = field(name="p")
     time: int = field(name="t")
     size: float = field(name="s")
-    conditions: tuple[int, ...] = field(name="c", default=())
+    conditions: list[int] = field(name="c", default_factory=list)
     id: str | int | None = field(name="i", default=None)
     exchange: int = field(name="x", default=0)
     received: int | None = field(name="r", default=None)

@@ -97,7 +97,7 @@ def test_tolerances_the_real_feed_needs() -> None:
     )
     t1, t2, agg, fmv = events
     assert isinstance(t1, Trade) and t1.trade_id == "42" and t1.side == SIDE_SELL
-    assert isinstance(t2, Trade) and t2.trade_id is None and t2.conditions == ()
+    assert isinstance(t2, Trade) and t2.trade_id is None and t2.conditions == []
     assert isinstance(agg, SecondAggregate) and agg.vwap is None and agg.avg_size == 0.25
     assert isinstance(fmv, FairValue) and fmv.time == 1610462007425
 

@@ -106,6 +106,14 @@ def _signed(value: float | None) -> Text:
     return Text(f"{value:+.4g}", style="green" if value > 0 else "red" if value < 0 else "")
 
 
+# Below this many columns the tables drop their least telling columns instead of squeezing all.
+_WIDE = 120
+
+
+def _drop_columns(table: Table, names: set[str]) -> None:
+    table.columns[:] = [c for c in table.columns if c.header not in names]
+
+
 def _signed_share(value: float | None) -> Text:
     """An imbalance in [-1, 1] as a signed percentage: positive leans to the bid (buyers)."""
     if value is None:
@@ -267,7 +275,11 @@ class Dashboard:
                 f"{s.rate:,.0f}",
                 _age(s, snapshot.now_ms),
             )
-        parts: list[Table | Panel | Text] = [table, self._bar_table(snapshot)]
+        bars = self._bar_table(snapshot)
+        if self._console.width < _WIDE:
+            _drop_columns(table, {"size", "imbalance", "age"})
+            _drop_columns(bars, {"bar", "volume", "buy/sell", "AO"})
+        parts: list[Table | Panel | Text] = [table, bars]
         books = [s for s in snapshot.symbols if s.book is not None]
         if books:
             parts.append(self._book_table(books))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import queue
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -177,6 +179,7 @@ class Pipeline:
         self._counted_at = 0.0
         self._counted: dict[str, int] = {}
         self._ended = False
+        self._interrupted = False
         self._error: PolystreamError | None = None
         options = self.engine.options
         self._primary = options.timeframes[0]
@@ -211,14 +214,14 @@ class Pipeline:
     def run(self, duration: float | None = None) -> RunResult:
         """Process until the source ends, `duration` seconds pass, or Ctrl-C."""
         deadline = None if duration is None else time.monotonic() + duration
-        interrupted = False
         # What exists now (modules, settings) lives as long as the run: keep the collector's
         # full passes from rescanning it over and over.
         gc.freeze()
+        previous = self._catch_ctrl_c()
         self.source.start()
         next_refresh = time.monotonic()
         try:
-            while not self._ended:
+            while not self._ended and not self._interrupted:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 self._step(timeout=self._refresh_every)
@@ -226,12 +229,27 @@ class Pipeline:
                     self._refresh()
                     next_refresh = time.monotonic() + self._refresh_every
         except KeyboardInterrupt:
-            interrupted = True
+            self._interrupted = True
         finally:
             self._shutdown()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         if self._error is not None:
             raise self._error
-        return RunResult(interrupted, self.snapshot())
+        return RunResult(self._interrupted, self.snapshot())
+
+    def _catch_ctrl_c(self) -> Any:
+        """On the main thread, make the first Ctrl-C a request to stop (checked between
+        batches) rather than an exception that could land inside a polars callback; a second
+        one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum: int, frame: object) -> None:
+            self._interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        return signal.signal(signal.SIGINT, on_sigint)
 
     def _shutdown(self) -> None:
         self.source.stop()

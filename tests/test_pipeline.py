@@ -3,7 +3,10 @@ whatever the replay speed or batch size; the feed's aggregates can be the bar so
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 from pathlib import Path
 
 import msgspec
@@ -286,3 +289,20 @@ def test_feed_aggregates_as_bar_source_and_their_drift() -> None:
     assert pipeline._drift.matched >= 2
     # the demo feed computes its aggregates from its own trades: no drift at all
     assert pipeline._drift.close_max < 1e-12
+
+
+def test_ctrl_c_is_a_request_to_stop_not_an_exception() -> None:
+    """SIGINT may arrive while polars runs; it must end the run in order, never mid-call."""
+    out = Capture()
+    with DemoFeed(api_key=API_KEY, seed=4, bar_seconds=0.05) as feed:
+        client = FeedClient(
+            feed.url, API_KEY, ["BTC-USD"], ("XT", "XQ"), options=FeedOptions(poll_interval=0.05)
+        )
+        pipeline = Pipeline(
+            client, ["X:BTCUSD"], [out], bars=BarOptions(timeframes=(1_000,), lateness=200)
+        )
+        threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        result = pipeline.run(duration=20)
+    assert result.interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert out.records.filter(pl.col("state") == "partial").height >= 1

@@ -81,8 +81,7 @@ class IndicatorParams(msgspec.Struct, frozen=True):
     @property
     def warmup(self) -> int:
         """Bars needed before every indicator has a value (index of the first full row + 1)."""
-        slow, fast = max(self.macd_fast, self.macd_slow), min(self.macd_fast, self.macd_slow)
-        del fast
+        slow = max(self.macd_fast, self.macd_slow)
         return 1 + max(
             self.rsi,
             self.stoch_k + self.stoch_slow_k + self.stoch_d - 3,

@@ -118,12 +118,10 @@ class BarEngine:
         self._frame = (_NEVER, _NEVER)
         self._indicators: dict[tuple[str, int], IndicatorState] = {}
         self._last: dict[tuple[str, int], tuple[int, float]] = {}
-        tf_min = min(self.options.timeframes)
         self._revision_bars = {
             tf: (self.options.horizon + self.options.lateness) // tf + 2
             for tf in self.options.timeframes
         }
-        del tf_min
 
     # -- input -------------------------------------------------------------------------------
 

@@ -102,15 +102,7 @@ class Batcher:
 
     def add(self, data: bytes, received: int) -> None:
         """Take one frame, received at `received` (epoch ms)."""
-        if self._since is None:
-            self._since = self._clock()
-        self._frames.append(data)
-        self._received.append(received)
-        self._bytes += len(data)
-        self._count += 1
-        if self._bytes >= CHUNK_BYTES:
-            # Columns are built a cache-sized chunk at a time; the bars work on the whole batch.
-            self._chunks.append(self._columns())
+        self.add_many(((received, data),))
 
     def add_many(self, frames: Sequence[tuple[int, bytes]]) -> None:
         """Take several frames (receipt time, data) at once, as a replay hands them over."""
@@ -124,6 +116,7 @@ class Batcher:
         self._bytes += sum(map(len, data))
         self._count += len(frames)
         if self._bytes >= CHUNK_BYTES:
+            # Columns are built a cache-sized chunk at a time; the bars work on the whole batch.
             self._chunks.append(self._columns())
 
     def due(self) -> bool:

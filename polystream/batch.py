@@ -26,6 +26,7 @@ TRADE_SCHEMA = {
     "price": pl.Float64,
     "size": pl.Float64,
     "side": pl.Int8,
+    "exchange": pl.Int16,
     "received": pl.Int64,
 }
 QUOTE_SCHEMA = {
@@ -191,6 +192,7 @@ class Batcher:
                 "price": [t.price for t in tr],
                 "size": [t.size for t in tr],
                 "side": [2 if 2 in t.conditions else (1 if 1 in t.conditions else 0) for t in tr],
+                "exchange": [t.exchange for t in tr],
                 "received": tr_received,
             },
             schema=TRADE_SCHEMA,

@@ -15,6 +15,7 @@ import typer
 from typer.exceptions import TyperException
 
 from . import __version__, display
+from .cli_filters import filter_app
 from .config import (
     Settings,
     check_url,
@@ -24,6 +25,7 @@ from .config import (
     parse_timeframe,
 )
 from .errors import ConfigError, PolystreamError
+from .filters import FilterWatcher, shipped_dir
 from .pipeline import Output, Pipeline, Source
 from .record import Recorder, ReplaySource
 from .simulator import DemoFeed
@@ -132,9 +134,14 @@ def watch(
         float | None, typer.Option(help="Replay at N x real time (default: as fast as possible).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the demo feed.")] = 0,
+    filters: Annotated[
+        Path | None,
+        typer.Option(help="Filters directory, watched for changes [default: ./filters]."),
+    ] = None,
 ) -> None:
-    """Live feed -> bars, indicators, dashboard, JSON records and recordings."""
+    """Live feed -> bars, indicators, filters and alerts, dashboard, JSON records, recordings."""
     settings = _settings()
+    filters_dir = filters or settings.filters_dir
     normalized = [normalize(s) for s in dict.fromkeys(symbols)]
     pairs = [to_pair(s) for s in normalized]
     timeframes = tuple(dict.fromkeys(parse_timeframe(tf) for tf in timeframe))
@@ -144,6 +151,11 @@ def watch(
     if bars == "polygon":
         needed = {"XA"} if min(timeframes) >= 60_000 else {"XA", "XAS"}
         chans = tuple(dict.fromkeys([*chans, *sorted(needed)]))
+    watcher = FilterWatcher(filters_dir)
+    _load_filters(watcher)
+    # bars for the timeframes the filters name are built too, after the ones asked for
+    wanted = {f.timeframe for f in watcher.filters if f.on == "bar" and f.timeframe}
+    timeframes += tuple(sorted(wanted - set(timeframes)))
     bar_options = BarOptions(
         timeframes=timeframes,
         lateness=int(parse_duration(lateness, "--lateness") * 1000),
@@ -166,6 +178,8 @@ def watch(
             bar_source=bars,
             live=not isinstance(source, ReplaySource),
             recorder=recorder,
+            watcher=watcher,
+            state_dir=settings.state_dir,
         )
         result = pipeline.run(duration)
     if result.interrupted:
@@ -184,8 +198,15 @@ def demo(
     ] = None,
     record: Annotated[Path | None, typer.Option(help="Record every frame to FILE.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the demo feed.")] = 0,
+    filters: Annotated[
+        Path | None,
+        typer.Option(help="Filters directory [default: ./filters, else the shipped filters]."),
+    ] = None,
 ) -> None:
     """`watch X:BTCUSD X:ETHUSD --feed demo -t 1s -t 1m`: the whole pipeline, no key, no network."""
+    if filters is None:
+        configured = load_settings().filters_dir
+        filters = configured if configured.is_dir() else shipped_dir()
     watch(
         ["X:BTCUSD", "X:ETHUSD"],
         feed="demo",
@@ -197,6 +218,21 @@ def demo(
         record=record,
         speed=None,
         seed=seed,
+        filters=filters,
+    )
+
+
+def _load_filters(watcher: FilterWatcher) -> None:
+    """The first scan of the filters directory: a run does not start with an invalid file."""
+    errors = watcher.load()
+    if not errors:
+        return
+    for err in errors:
+        display.details(err.details or [str(err)])
+    raise ConfigError(
+        f"{len(errors)} filter file{'s' if len(errors) > 1 else ''} in {watcher.directory} "
+        f"{'are' if len(errors) > 1 else 'is'} not valid; fix or remove "
+        f"{'them' if len(errors) > 1 else 'it'} (polystream filter validate shows every problem)."
     )
 
 
@@ -266,6 +302,9 @@ def simulate(
             raise typer.Exit(130) from None
 
 
+app.add_typer(filter_app, name="filter")
+
+
 def main() -> None:
     """Entry point: runs the app and maps every failure to the exit-code contract."""
     try:
@@ -284,6 +323,7 @@ def main() -> None:
     except PolystreamError as exc:
         if _debug:
             traceback.print_exc()
+        display.details(exc.details)
         display.error(str(exc))
         code = exc.exit_code
     sys.exit(code if isinstance(code, int) else 0)

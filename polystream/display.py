@@ -22,6 +22,7 @@ from rich.text import Text
 from .config import RedactingFilter, Redactor
 from .events import SIDE_BUY, SIDE_SELL
 from .features import BookFeatures
+from .filters import Alert
 from .pipeline import Snapshot, SymbolState
 from .source import Notice
 
@@ -45,7 +46,28 @@ _NOTICE_STYLE = {
     "reconnecting": "yellow",
     "slow_consumer": "yellow",
     "gap": "magenta",
+    "filter_error": "bold red",
+    "filter_waiting": "yellow",
+    "filter_added": "cyan",
+    "filter_changed": "cyan",
+    "filter_removed": "cyan",
 }
+_SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
+
+
+def alert_line(alert: Alert) -> Text:
+    """One alert as a line: time, severity, filter, symbol (and timeframe), message."""
+    stamp = time.strftime("%H:%M:%S", time.gmtime(alert.time / 1000))
+    where = f"{alert.symbol} {alert.timeframe}" if alert.timeframe else alert.symbol
+    text = Text(f"{stamp} ")
+    text.append(f"{alert.severity:<8}", style=_SEVERITY_STYLE.get(alert.severity, ""))
+    text.append(f" {alert.filter} ", style="bold")
+    text.append(f"{where}: {alert.message}")
+    return text
+
+
+def _to_console(alerts: list[Alert]) -> list[Alert]:
+    return [a for a in alerts if "console" in a.notify]
 
 
 def setup_logging(redactor: Redactor, debug: bool = False) -> None:
@@ -63,6 +85,12 @@ def error(message: str) -> None:
     """The one place a fatal error reaches the user: one sentence on stderr."""
     sys.stderr.write(f"polystream: error: {message}\n")
     sys.stderr.flush()
+
+
+def details(lines: list[str]) -> None:
+    """Detail lines (problems with their carets) on stderr, before the error sentence."""
+    for line in lines:
+        stderr_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def fmt_price(value: float | None, scale: float | None = None) -> str:
@@ -176,6 +204,10 @@ class JsonLines:
         for f in features:
             self.write({"type": "book", **msgspec.structs.asdict(f)})
 
+    def alerts(self, alerts: list[Alert]) -> None:
+        for a in alerts:  # every alert, whatever its notify list: this is the full record
+            self.write(a.record())
+
     def refresh(self, snapshot: Snapshot) -> None:
         pass
 
@@ -202,6 +234,10 @@ class TextLog:
     def book(self, features: list[BookFeatures]) -> None:
         pass  # book snapshots come several times a second: too many for plain lines
 
+    def alerts(self, alerts: list[Alert]) -> None:
+        for a in _to_console(alerts):
+            self._console.print(alert_line(a), highlight=False, soft_wrap=True)
+
     def refresh(self, snapshot: Snapshot) -> None:
         pass
 
@@ -210,9 +246,13 @@ class TextLog:
         summary = (
             f"{f.events:,} events in {f.frames:,} frames; {f.rejected} rejected, "
             f"{f.malformed_frames} malformed frames; {f.reconnects} reconnects; {f.gaps} gaps; "
-            f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late"
+            f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late; "
+            f"{f.alerts} alerts from {f.filters} filters"
         )
         self._console.print(summary, soft_wrap=True)
+
+
+_ALERT_LINES = 8
 
 
 class Dashboard:
@@ -233,6 +273,9 @@ class Dashboard:
 
     def book(self, features: list[BookFeatures]) -> None:
         pass  # the latest book per symbol arrives with each snapshot
+
+    def alerts(self, alerts: list[Alert]) -> None:
+        pass  # the latest alerts arrive with each snapshot
 
     def refresh(self, snapshot: Snapshot) -> None:
         if not self._started:
@@ -291,6 +334,16 @@ class Dashboard:
                 lines.append(f"{stamp} {n.event} {n.detail}\n", style=style)
             lines.rstrip()
             parts.append(Panel(lines, title="feed", title_align="left", border_style="dim"))
+        shown = _to_console(snapshot.alerts)[-_ALERT_LINES:]
+        if shown:
+            alert_lines = Text()
+            for a in shown:
+                alert_lines.append_text(alert_line(a))
+                alert_lines.append("\n")
+            alert_lines.rstrip()
+            parts.append(
+                Panel(alert_lines, title="alerts", title_align="left", border_style="yellow")
+            )
         parts.append(self._footer(snapshot))
         return Group(*parts)
 
@@ -381,6 +434,7 @@ class Dashboard:
             f"  reconnects {f.reconnects}  lag {f.lag_ms} ms  queue {f.queue_depth}/{f.queue_size}"
             f"  events {f.events:,}  rejected {f.rejected + f.malformed_frames}  gaps {f.gaps}"
             f"  bars {f.bars:,}  revised {f.revised}  late {f.too_late}"
+            f"  filters {f.filters}  alerts {f.alerts:,}"
         )
         if f.drift:
             text.append(f"\n drift vs trade-built bars: {f.drift}", style="dim")
@@ -404,3 +458,42 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}" if abs(value) < 1e6 else f"{value:,.2f}"
     return str(value)
+
+
+stdout_console = Console(highlight=False)
+
+
+def note(message: str, style: str = "") -> None:
+    """A line for humans on stderr."""
+    stderr_console.print(Text(message, style=style), soft_wrap=True)
+
+
+def filter_table(rows: list[tuple[str, str, str, str, str, str]], title: str) -> None:
+    """`filter list`: name, on, timeframe, symbols, condition, last fired."""
+    table = Table(title=title, title_style="bold", expand=False)
+    for name in ("name", "on", "timeframe", "symbols", "condition", "last fired"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        style = "red" if row[1] == "invalid" else ""
+        table.add_row(*row, style=style)
+    stdout_console.print(table)
+
+
+def show_file(path: str, text: str) -> None:
+    """`filter show`: the file, highlighted, with its path."""
+    from rich.syntax import Syntax
+
+    stdout_console.print(Text(f"# {path}", style="dim"))
+    stdout_console.print(Syntax(text, "yaml", background_color="default"))
+
+
+def alert_table(alerts: list[Alert], title: str) -> None:
+    """`filter test`: when a filter would have fired, with the values it saw."""
+    table = Table(title=title, title_style="bold")
+    for name in ("time (UTC)", "symbol", "values", "message"):
+        table.add_column(name, overflow="fold")
+    for a in alerts:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.time / 1000))
+        values = "  ".join(f"{k} {_cell(v)}" for k, v in a.values.items())
+        table.add_row(stamp, a.symbol, values, a.message)
+    stdout_console.print(table)

@@ -8,6 +8,11 @@ class PolystreamError(Exception):
 
     exit_code = 1
 
+    @property
+    def details(self) -> list[str]:
+        """Lines shown before the sentence, such as every problem found in a file."""
+        return []
+
 
 class ConfigError(PolystreamError):
     """A setting, flag or environment variable has a value polystream cannot use."""

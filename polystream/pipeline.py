@@ -13,7 +13,9 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -21,11 +23,15 @@ import polars as pl
 
 from .batch import Batch, Batcher
 from .config import timeframe_name
+from .decode import Decoder
 from .errors import FeedError, PolystreamError
 from .events import SIDE_UNKNOWN, Book
 from .features import BookFeatures, book_features, quote_features
-from .record import Recorder
+from .filters import Alert, Filter, FilterEngine, FilterWatcher, write_last_fired
+from .indicators import IndicatorParams
+from .record import Recorder, ReplaySource, read_recording
 from .source import EndOfStream, Frame, Frames, Gap, Item, Notice
+from .symbols import from_pair
 from .window import BarEngine, BarOptions
 
 
@@ -73,6 +79,8 @@ class FeedState(msgspec.Struct):
     revised: int = 0
     too_late: int = 0
     drift: str = ""
+    filters: int = 0
+    alerts: int = 0
 
 
 class Snapshot(msgspec.Struct):
@@ -83,6 +91,7 @@ class Snapshot(msgspec.Struct):
     feed: FeedState
     timeframe: str = "1m"
     warmup: int = 0
+    alerts: list[Alert] = msgspec.field(default_factory=list)  # the latest, oldest first
 
 
 class Output(Protocol):
@@ -93,6 +102,8 @@ class Output(Protocol):
     def bars(self, records: pl.DataFrame) -> None: ...
 
     def book(self, features: list[BookFeatures]) -> None: ...
+
+    def alerts(self, alerts: list[Alert]) -> None: ...
 
     def refresh(self, snapshot: Snapshot) -> None: ...
 
@@ -152,9 +163,13 @@ class Pipeline:
         live: bool = True,
         recorder: Recorder | None = None,
         batcher: Batcher | None = None,
+        filters: FilterEngine | None = None,
+        watcher: FilterWatcher | None = None,
+        state_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
         max_items: int = 2_000,
         refresh_every: float = 0.25,
+        poll_every: float = 0.5,
         drain_timeout: float = 5.0,
     ) -> None:
         self.source = source
@@ -184,6 +199,17 @@ class Pipeline:
         options = self.engine.options
         self._primary = options.timeframes[0]
         self._warmup = options.params.warmup
+        self.filters = filters
+        if watcher is not None and filters is None:
+            self.filters = FilterEngine(
+                watcher.filters, params=options.params, timeframes=options.timeframes
+            )
+        self.watcher = watcher
+        self._poll_every = poll_every
+        self._waiting: set[str] = set()
+        self._recent: deque[Alert] = deque(maxlen=50)
+        self._state_dir = state_dir
+        self._fired_dirty = False
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -203,12 +229,16 @@ class Pipeline:
             bar_stats.revised,
             bar_stats.too_late,
         )
+        if self.filters is not None:
+            feed.filters = len(self.filters.filters)
+            feed.alerts = sum(self.filters.fired.values())
         return Snapshot(
             self._now_ms(),
             list(self.symbols.values()),
             feed,
             timeframe_name(self._primary),
             self._warmup,
+            list(self._recent),
         )
 
     def run(self, duration: float | None = None) -> RunResult:
@@ -219,13 +249,18 @@ class Pipeline:
         gc.freeze()
         previous = self._catch_ctrl_c()
         self.source.start()
-        next_refresh = time.monotonic()
+        self._report_waiting()
+        next_refresh = next_poll = time.monotonic()
         try:
             while not self._ended and not self._interrupted:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                self._step(timeout=self._refresh_every)
-                if time.monotonic() >= next_refresh:
+                self._step(timeout=min(self._refresh_every, self._poll_every))
+                now = time.monotonic()
+                if now >= next_poll:
+                    self._poll_filters()
+                    next_poll = time.monotonic() + self._poll_every
+                if now >= next_refresh:
                     self._refresh()
                     next_refresh = time.monotonic() + self._refresh_every
         except KeyboardInterrupt:
@@ -265,6 +300,7 @@ class Pipeline:
             self._bars(self.engine.partial())
         if self.recorder is not None:
             self.recorder.close()
+        self._save_fired()
         if self._shadow is not None:
             notice = Notice("drift", self._now_ms(), self.drift() or "no bars to compare")
             for out in self.outputs:
@@ -346,6 +382,9 @@ class Pipeline:
                 self._compare(self._shadow.add_trades(trades))
         else:
             self._bars(self.engine.add_trades(trades))
+        if self.filters is not None:
+            self._alerts(self.filters.on_trades(trades))
+            self._alerts(self.filters.on_quotes(quotes))
 
     def _track(self, trades: pl.DataFrame, quotes: pl.DataFrame, batch: Batch) -> None:
         """Dashboard state from a batch: the last trade and quote per symbol, event counts."""
@@ -398,6 +437,8 @@ class Pipeline:
             self.feed.drift = self.drift()
         for out in self.outputs:
             out.bars(records)
+        if self.filters is not None:
+            self._alerts(self.filters.on_bars(records))
         primary = records.filter(pl.col("end") - pl.col("start") == self._primary)
         for row in primary.iter_rows(named=True):
             st = self.symbols.get(row["symbol"])
@@ -407,6 +448,56 @@ class Pipeline:
                 st.bars += 1
             if st.bar is None or row["start"] >= st.bar["start"]:
                 st.bar = row
+
+    # -- filters -------------------------------------------------------------------------------
+
+    def _alerts(self, alerts: list[Alert]) -> None:
+        if not alerts:
+            return
+        self._recent.extend(alerts)
+        self._fired_dirty = True
+        for out in self.outputs:
+            out.alerts(alerts)
+
+    def _poll_filters(self) -> None:
+        """Pick up added, changed and removed filter files; a broken edit keeps the previous
+        version and is reported."""
+        if self.watcher is None or self.filters is None:
+            return
+        events = self.watcher.poll()
+        if not events:
+            return
+        now = self._now_ms()
+        if any(e.event != "filter_error" for e in events):
+            self.filters.set_filters(self.watcher.filters)
+        for e in events:
+            notice = Notice(e.event, now, e.detail)
+            for out in self.outputs:
+                out.status(notice)
+        self._report_waiting()
+
+    def _report_waiting(self) -> None:
+        if self.filters is None:
+            return
+        built = " ".join(timeframe_name(tf) for tf in self.engine.options.timeframes)
+        waiting = {f.name: f for f in self.filters.waiting}
+        for name in sorted(set(waiting) - self._waiting):
+            tf = waiting[name].timeframe_name
+            notice = Notice(
+                "filter_waiting",
+                self._now_ms(),
+                f"{name} needs {tf} bars, which this run does not build ({built}); "
+                f"restart with -t {tf} to run it",
+            )
+            for out in self.outputs:
+                out.status(notice)
+        self._waiting = set(waiting)
+
+    def _save_fired(self) -> None:
+        if self._state_dir is None or self.filters is None or not self._fired_dirty:
+            return
+        self._fired_dirty = False
+        write_last_fired(self._state_dir, self.filters.last_fired.items())
 
     def _compare(self, trade_bars: pl.DataFrame) -> None:
         self._match(trade_bars, self._trade_seen, self._agg_seen)
@@ -462,6 +553,75 @@ class Pipeline:
                 state.rate = (state.events - before) / elapsed if self._counted_at else 0.0
                 self._counted[name] = state.events
             self._counted_at = now
+            self._save_fired()
         snap = self.snapshot()
         for out in self.outputs:
             out.refresh(snap)
+
+
+# -- trying filters on a recording -------------------------------------------------------------
+
+
+class _Collector:
+    """An output that keeps alerts and counts final bars (for `replay_filters`)."""
+
+    def __init__(self) -> None:
+        self.collected: list[Alert] = []
+        self.final_bars = 0
+
+    def status(self, notice: Notice) -> None:
+        pass
+
+    def bars(self, records: pl.DataFrame) -> None:
+        self.final_bars += records.filter(pl.col("state") == "final").height
+
+    def book(self, features: list[BookFeatures]) -> None:
+        pass
+
+    def alerts(self, alerts: list[Alert]) -> None:
+        self.collected += alerts
+
+    def refresh(self, snapshot: Snapshot) -> None:
+        pass
+
+    def close(self, snapshot: Snapshot) -> None:
+        pass
+
+
+def recording_symbols(path: Path) -> list[str]:
+    """The symbols whose trades or quotes a recording holds, in order of first appearance."""
+    decoder = Decoder()
+    seen: dict[str, None] = {}
+    for frame in read_recording(path):
+        for event in decoder.decode(frame.data):
+            pair = getattr(event, "pair", None)
+            if isinstance(pair, str) and pair not in seen:
+                seen[pair] = None
+    return [from_pair(p) for p in seen]
+
+
+def replay_filters(
+    path: Path,
+    filters: Sequence[Filter],
+    symbols: Sequence[str] | None = None,
+    *,
+    params: IndicatorParams | None = None,
+) -> tuple[list[Alert], int]:
+    """Replay a recording through the whole pipeline with `filters` attached: the alerts they
+    would have raised, and how many final bars were built."""
+    p = params or IndicatorParams()
+    timeframes = tuple(sorted({f.timeframe or 60_000 for f in filters if f.on == "bar"})) or (
+        60_000,
+    )
+    watched = list(symbols) if symbols else recording_symbols(path)
+    collector = _Collector()
+    pipeline = Pipeline(
+        ReplaySource(path),
+        watched,
+        [collector],
+        bars=BarOptions(timeframes=timeframes, params=p),
+        live=False,
+        filters=FilterEngine(filters, params=p, timeframes=timeframes),
+    )
+    pipeline.run()
+    return collector.collected, collector.final_bars

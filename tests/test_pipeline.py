@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from conftest import API_KEY
 from polystream.batch import Batcher
 from polystream.features import BookFeatures
+from polystream.filters import Alert
 from polystream.indicators import IndicatorParams, compute
 from polystream.pipeline import Pipeline, Snapshot
 from polystream.record import Recorder, ReplaySource
@@ -38,6 +39,7 @@ class Capture:
         self.notices: list[Notice] = []
         self.frames: list[pl.DataFrame] = []
         self.books: list[BookFeatures] = []
+        self.alerts_seen: list[Alert] = []
 
     def status(self, notice: Notice) -> None:
         self.notices.append(notice)
@@ -47,6 +49,9 @@ class Capture:
 
     def book(self, features: list[BookFeatures]) -> None:
         self.books.extend(features)
+
+    def alerts(self, alerts: list[Alert]) -> None:
+        self.alerts_seen.extend(alerts)
 
     def refresh(self, snapshot: Snapshot) -> None:
         pass

@@ -18,7 +18,10 @@ SEC, MIN = 1_000, 60_000
 
 def trades(rows: list[tuple[str, int, float, float, int, int]]) -> pl.DataFrame:
     """(symbol, event time, price, size, side, receipt time) rows as a batch of trades."""
-    return pl.DataFrame(rows, schema=list(TRADE_SCHEMA.items()), orient="row")
+    frame = pl.DataFrame(
+        rows, schema=[(k, v) for k, v in TRADE_SCHEMA.items() if k != "exchange"], orient="row"
+    )
+    return frame.with_columns(pl.lit(1, pl.Int16).alias("exchange")).select(list(TRADE_SCHEMA))
 
 
 def t(

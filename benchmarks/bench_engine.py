@@ -28,26 +28,35 @@ It measures:
    does not count), an end-to-end run over `--memory-events` events from a longer recording, with
    RSS sampled at ten checkpoints by an output passed to the pipeline, and its growth from the
    first checkpoint to the last.
-3. `--filters K`: a placeholder for timing the pipeline with K filters attached, for when
-   polystream has a filter engine.
-4. A summary against the targets: >= 500,000 events/s end to end on one core, flat memory.
+3. Filters (`--filters K`, default 50; 0 skips it): the end-to-end run above, pinned the same
+   way, without filters and with K filters attached through a ``FilterEngine``, alternately,
+   best of `--repeat` each; an output passed to both counts the alerts. The filters are the
+   first K of a pool of 50 written as filter-file YAML and read with ``parse_filter`` (past 50,
+   renamed copies of the pool): 40 on bars at 1 s, 1 m and 5 m (RSI extremes, MACD, Stochastic
+   and AO crosses, CCI beyond +-100, Bollinger breakouts and %B, some with indicator parameters
+   other than the run's such as rsi(7), macd(5, 35, 5), ema(50) or bb_upper(20, 2.5), and
+   lookbacks such as prev, pct_change, highest, lowest and sma(volume, 20); edge and level
+   triggers, some cooldowns), 5 on trades (whale notional, large buys or sells, price spikes
+   over 50 trades) and 5 on quotes (wide spreads, book imbalance, mid drops). It reports both
+   rates and their ratio against the target, and the alerts per kind of row.
+4. A summary against the targets: >= 500,000 events/s end to end on one core, flat memory, and
+   with the filters >= 70% of the rate without.
 
 Run from the project root:
 
     . .venv/bin/activate
     python benchmarks/bench_engine.py [--events N] [--memory-events M] [--filters K]
 
-The defaults (2 M events timed, 10 M for memory) take about five minutes, most of it writing the
-recordings. The exit code is always 0: this reports numbers, it does not gate anything.
+The defaults (2 M events timed, 10 M for memory, 50 filters) take about six minutes, most of it
+writing the recordings. The exit code is always 0: this reports numbers, it does not gate anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import importlib.util
 import itertools
+import json
 import math
 import os
 import platform
@@ -67,13 +76,16 @@ import polars as pl
 from bench_decode import cpu_model, fmt_rate, version
 
 from polystream.batch import Batcher
+from polystream.config import timeframe_name
 from polystream.decode import Decoder
+from polystream.filters import Alert, Filter, FilterEngine, parse_filter
 from polystream.pipeline import Output, Pipeline, Snapshot
 from polystream.record import Recorder, ReplaySource, read_recording
 from polystream.source import EndOfStream, Frame, Frames, Notice
 from polystream.window import BarEngine, BarOptions
 
 TARGET_EVENTS_PER_S = 500_000
+FILTERS_MIN_RATIO = 0.70  # events/s with the filters over events/s without
 TIMEFRAMES = (1_000, 60_000, 300_000)
 MIB = 1024 * 1024
 
@@ -127,10 +139,11 @@ class StreamInfo:
 
     def expected_final_bars(self) -> int:
         """Every bucket from each symbol's first to last trade, empty ones filled, at each tf."""
+        return sum(self.expected_final_bars_at(tf) for tf in TIMEFRAMES)
+
+    def expected_final_bars_at(self, tf: int) -> int:
         return sum(
-            self.last_trade[s] // tf - self.first_trade[s] // tf + 1
-            for s in self.first_trade
-            for tf in TIMEFRAMES
+            self.last_trade[s] // tf - self.first_trade[s] // tf + 1 for s in self.first_trade
         )
 
 
@@ -283,15 +296,20 @@ class EndToEnd:
     revised: int
     too_late: int
     rejected: int
+    alerts: int = 0  # as the filter engine counted them
 
 
-def run_end_to_end(path: Path, outputs: Sequence[Output] = ()) -> EndToEnd:
+def run_end_to_end(
+    path: Path, outputs: Sequence[Output] = (), filters: Sequence[Filter] = ()
+) -> EndToEnd:
+    options = BarOptions(timeframes=TIMEFRAMES)
+    engine = (
+        FilterEngine(filters, params=options.params, timeframes=options.timeframes)
+        if filters
+        else None
+    )
     pipeline = Pipeline(
-        ReplaySource(path),
-        SYMBOLS,
-        outputs=outputs,
-        bars=BarOptions(timeframes=TIMEFRAMES),
-        live=False,
+        ReplaySource(path), SYMBOLS, outputs=outputs, bars=options, live=False, filters=engine
     )
     t0 = time.perf_counter()
     result = pipeline.run()
@@ -300,7 +318,14 @@ def run_end_to_end(path: Path, outputs: Sequence[Output] = ()) -> EndToEnd:
         raise KeyboardInterrupt
     d, b = pipeline.decoder.stats, pipeline.engine.stats
     return EndToEnd(
-        elapsed, d.events, d.frames, b.final, b.revised, b.too_late, result.snapshot.feed.rejected
+        elapsed,
+        d.events,
+        d.frames,
+        b.final,
+        b.revised,
+        b.too_late,
+        result.snapshot.feed.rejected,
+        0 if engine is None else sum(engine.fired.values()),
     )
 
 
@@ -442,6 +467,12 @@ class RssProbe:
     def bars(self, records: pl.DataFrame) -> None:
         self.records += records.height
 
+    def book(self, features: list[Any]) -> None:
+        pass
+
+    def alerts(self, alerts: list[Alert]) -> None:
+        pass
+
     def refresh(self, snapshot: Snapshot) -> None:
         events = snapshot.feed.events
         if events >= self.total:  # the last checkpoint is taken at close, after the final bars
@@ -544,24 +575,304 @@ def memory_child(args: argparse.Namespace) -> int:
 # --- filters --------------------------------------------------------------------------------------
 
 
-def filters_section(k: int) -> None:
-    """PLACEHOLDER: time the pipeline with `k` filters attached once polystream has filters."""
-    print(f"\n== Filters (--filters {k}) ==")
-    if importlib.util.find_spec("polystream.filters") is None:
-        print("  filters: not available yet")
-        return
-    module = importlib.import_module("polystream.filters")
-    public = sorted(n for n in dir(module) if not n.startswith("_"))
-    if not public:
-        print(
-            "  filters: not available yet (polystream.filters exists but defines nothing: "
-            "it only ships example filter files)"
-        )
-        return
+@dataclass(frozen=True)
+class FilterSpec:
+    """One filter of the pool, written out as a filter file's YAML by `yaml`."""
+
+    name: str
+    on: str
+    when: str
+    timeframe: str | None = None  # for on: bar
+    trigger: str = "edge"
+    cooldown: str | None = None
+    symbols: tuple[str, ...] = ()
+    severity: str = "info"
+    message: str | None = None
+
+    def yaml(self, name: str | None = None) -> str:
+        lines = [f"name: {name or self.name}"]
+        if self.symbols:
+            lines.append(f"symbols: {json.dumps(list(self.symbols))}")
+        lines.append(f"on: {self.on}")
+        if self.timeframe is not None:
+            lines.append(f"timeframe: {self.timeframe}")
+        lines.append(f"when: {json.dumps(self.when)}")
+        lines.append(f"trigger: {self.trigger}")
+        if self.cooldown is not None:
+            lines.append(f"cooldown: {self.cooldown}")
+        lines.append(f"severity: {self.severity}")
+        if self.message is not None:
+            lines.append(f"message: {json.dumps(self.message)}")
+        return "\n".join(lines) + "\n"
+
+
+def _bar(name: str, tf: str, when: str, **kw: Any) -> FilterSpec:
+    return FilterSpec(f"{name}-{tf}", "bar", when, timeframe=tf, **kw)
+
+
+# What users write: mostly bar filters over the run's timeframes with the default indicators,
+# some with parameters of their own (computed by the filter engine from streaming states) or
+# lookbacks over earlier bars; a few on every trade and quote. Thresholds are set so that each
+# kind fires now and then on the generated stream, not on most rows.
+BAR_FILTERS: tuple[FilterSpec, ...] = (
+    _bar(
+        "rsi-oversold",
+        "1s",
+        "rsi(14) < 25",
+        cooldown="30s",
+        message="{symbol} RSI {rsi_14:.1f} at {close}",
+    ),
+    _bar(
+        "rsi-overbought",
+        "1s",
+        "rsi(14) > 75",
+        cooldown="30s",
+        message="{symbol} RSI {rsi_14:.1f} at {close}",
+    ),
+    _bar("macd-bull-cross", "1s", "crosses_above(macd(), macd_signal()) and macd() < 0"),
+    _bar("stoch-bull-cross", "1s", "crosses_above(stoch_k(), stoch_d()) and stoch_k() < 20"),
+    _bar(
+        "rsi-oversold",
+        "1m",
+        "rsi(14) < 30",
+        severity="warning",
+        message="{symbol} RSI {rsi_14:.1f} at {close}",
+    ),
+    _bar("ao-zero-up", "1s", "crosses_above(ao(), 0)", cooldown="1m"),
+    _bar("cci-above-100", "1s", "cci(20) > 100", cooldown="1m"),
+    _bar("bb-breakout-up", "1s", "close > bb_upper() and volume > sma(volume, 20)"),
+    _bar(
+        "rsi-overbought",
+        "1m",
+        "rsi(14) > 70",
+        severity="warning",
+        message="{symbol} RSI {rsi_14:.1f} at {close}",
+    ),
+    _bar("rsi-buyers", "1s", "rsi(14) < 30 and buy_volume > sell_volume", cooldown="1m"),
+    _bar("macd-bear-cross", "1s", "crosses_below(macd(), macd_signal()) and macd() > 0"),
+    _bar("stoch-bear-cross", "1s", "crosses_below(stoch_k(), stoch_d()) and stoch_k() > 80"),
+    _bar("cci-above-100", "1m", "cci() > 100"),
+    _bar("ao-zero-down", "1s", "crosses_below(ao(), 0)", cooldown="1m"),
+    _bar("cci-below-100", "1s", "cci(20) < -100", cooldown="1m"),
+    _bar("bb-breakdown", "1s", "close < bb_lower() and volume > sma(volume, 20)"),
+    _bar("cci-below-100", "1m", "cci() < -100"),
+    _bar("bb-percent-low", "1s", "bb_percent() < 0", trigger="level", cooldown="15s"),
+    _bar(
+        "rsi7-extreme",
+        "1s",
+        "rsi(7) < 15 or rsi(7) > 85",
+        cooldown="30s",
+        message="{symbol} fast RSI {rsi_7:.1f}",
+    ),
+    _bar("macd-fast-cross", "1s", "crosses_above(macd(5, 35, 5), macd_signal(5, 35, 5))"),
+    _bar("bb-breakout-up", "1m", "close > bb_upper()", severity="warning"),
+    _bar("ema50-cross-up", "1s", "crosses_above(close, ema(50))", cooldown="1m"),
+    _bar("bb-wide-breakout", "1s", "close > bb_upper(20, 2.5)", cooldown="30s"),
+    _bar(
+        "volume-spike",
+        "1s",
+        "volume > 4 * sma(volume, 20)",
+        cooldown="10s",
+        message="{symbol} volume {volume:.4f}, 4x its 20-bar mean",
+    ),
+    _bar("bb-breakdown", "1m", "close < bb_lower()", severity="warning"),
+    _bar("momentum-up", "1s", "pct_change(close, 10) > 2", cooldown="1m"),
+    _bar("momentum-down", "1s", "pct_change(close, 10) < -2", cooldown="1m"),
+    _bar(
+        "new-high", "1s", "close > prev(highest(high, 60))", symbols=("X:BTCUSD",), cooldown="30s"
+    ),
+    _bar("stoch-bull-cross", "1m", "crosses_above(stoch_k(), stoch_d()) and stoch_k() < 20"),
+    _bar("new-low", "1s", "close < prev(lowest(low, 60))", symbols=("X:BTCUSD",), cooldown="30s"),
+    _bar("buy-flow", "1s", "imbalance() > 0.5 and trades >= 50", cooldown="30s"),
+    _bar("fast-stoch-low", "1s", "stoch_k(5, 3, 3) < 5", trigger="level", cooldown="1m"),
+    _bar("rsi7-extreme", "1m", "rsi(7) < 20 or rsi(7) > 80"),
+    _bar("range-expansion", "1m", "high - low > 2 * sma(high - low, 14)", cooldown="5m"),
+    _bar("momentum", "1m", "abs(pct_change(close, 5)) > 3", severity="critical"),
+    _bar("rsi-oversold", "5m", "rsi(14) < 30", severity="critical"),
+    _bar("macd-bull-cross", "5m", "crosses_above(macd(), macd_signal())", severity="warning"),
+    _bar("bb-wide-breakout", "5m", "close > bb_upper(20, 2.5)", severity="warning"),
+    _bar("ao-zero-up", "5m", "crosses_above(ao(), 0)", severity="warning"),
+    _bar("momentum", "5m", "abs(pct_change(close)) > 3", severity="critical"),
+)
+TRADE_FILTERS: tuple[FilterSpec, ...] = (
+    FilterSpec(
+        "whale-trade",
+        "trade",
+        "price * size > 50000",
+        severity="warning",
+        message="{symbol} {side} {size} at {price}",
+    ),
+    FilterSpec("eth-big-buy", "trade", 'side == "buy" and size > 10', symbols=("X:ETHUSD",)),
+    FilterSpec(
+        "price-spike-up", "trade", "pct_change(price, 50) > 0.3", cooldown="1m", severity="critical"
+    ),
+    FilterSpec("sol-big-sell", "trade", 'side == "sell" and size > 150', symbols=("X:SOLUSD",)),
+    FilterSpec(
+        "price-spike-down",
+        "trade",
+        "pct_change(price, 50) < -0.3",
+        cooldown="1m",
+        severity="critical",
+    ),
+)
+QUOTE_FILTERS: tuple[FilterSpec, ...] = (
+    FilterSpec("wide-spread", "quote", "spread > 0.05", symbols=("X:BTCUSD",), cooldown="1m"),
+    FilterSpec(
+        "bid-imbalance",
+        "quote",
+        "imbalance() > 0.95",
+        cooldown="30s",
+        message="{symbol} bids {bid_size} vs asks {ask_size}",
+    ),
+    FilterSpec("ask-imbalance", "quote", "imbalance() < -0.95", cooldown="30s"),
+    FilterSpec("wide-spread-bps", "quote", "spread / mid * 10000 > 0.35", cooldown="1m"),
+    FilterSpec(
+        "mid-drop", "quote", "pct_change(mid, 100) < -0.5", cooldown="1m", severity="warning"
+    ),
+)
+
+
+def filter_pool() -> list[FilterSpec]:
+    """The pool in the order `--filters K` takes from: four bar filters, then a trade or a quote
+    filter, and so on, so that any K has a similar mix."""
+    pool: list[FilterSpec] = []
+    events = [f for pair in zip(TRADE_FILTERS, QUOTE_FILTERS, strict=True) for f in pair]
+    bars = iter(BAR_FILTERS)
+    for extra in events:
+        pool += itertools.islice(bars, 4)
+        pool.append(extra)
+    return pool + list(bars)
+
+
+def build_filters(k: int) -> list[Filter]:
+    """The first `k` filters of the pool, parsed from their YAML; past the pool's size, renamed
+    copies of it over and over."""
+    pool = filter_pool()
+    out: list[Filter] = []
+    for i in range(k):
+        spec = pool[i % len(pool)]
+        copy = i // len(pool)
+        name = spec.name if copy == 0 else f"{spec.name}-copy{copy}"
+        out.append(parse_filter(spec.yaml(name), f"<{name}.yaml>"))
+    return out
+
+
+class AlertTally:
+    """An output that counts the alerts it is handed, per filter; everything else it ignores."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def status(self, notice: Notice) -> None:
+        pass
+
+    def bars(self, records: pl.DataFrame) -> None:
+        pass
+
+    def book(self, features: list[Any]) -> None:
+        pass
+
+    def alerts(self, alerts: list[Alert]) -> None:
+        counts = self.counts
+        for alert in alerts:
+            counts[alert.filter] = counts.get(alert.filter, 0) + 1
+
+    def refresh(self, snapshot: Snapshot) -> None:
+        pass
+
+    def close(self, snapshot: Snapshot) -> None:
+        pass
+
+
+@dataclass
+class FilterResult:
+    count: int
+    rate: float  # events/s with the filters
+    baseline: float  # events/s without, in the same rounds
+    ratio: float
+    alerts: int
+    ok: bool
+
+
+def _kind(f: Filter) -> str:
+    return f"{f.timeframe_name} bars" if f.on == "bar" else f"{f.on}s"
+
+
+def filters_section(path: Path, info: StreamInfo, k: int, repeat: int) -> FilterResult:
+    """End to end without filters and with the first `k` of the pool, alternately, both with an
+    `AlertTally` output; the best of each, their ratio, and what fired."""
+    t0 = time.perf_counter()
+    filters = build_filters(k)
+    built_ms = (time.perf_counter() - t0) * 1000
+    rows = {f"{timeframe_name(tf)} bars": info.expected_final_bars_at(tf) for tf in TIMEFRAMES}
+    rows |= {"trades": info.trades, "quotes": info.quotes}
+    by_kind = {kind: [f.name for f in filters if _kind(f) == kind] for kind in rows}
     print(
-        f"  filters: polystream.filters defines {', '.join(public)}, but this placeholder does "
-        "not drive it yet; extend bench_engine.filters_section to time it"
+        f"\n== Filters: end to end without filters and with {k}, alternately; best of {repeat} =="
     )
+    print(
+        f"  {k} filters ("
+        + ", ".join(f"{len(names)} on {kind}" for kind, names in by_kind.items() if names)
+        + f"), parsed from YAML and compiled in {built_ms:.0f} ms (not timed)"
+    )
+    plain: list[EndToEnd] = []
+    filtered: list[EndToEnd] = []
+    tallies: list[AlertTally] = []
+    for rnd in range(repeat):
+        for with_filters in (False, True):
+            gc.collect()
+            tally = AlertTally()
+            run = run_end_to_end(path, [tally], filters if with_filters else ())
+            (filtered if with_filters else plain).append(run)
+            label = f"{k} filters" if with_filters else "no filters"
+            alerts = ""
+            if with_filters:
+                tallies.append(tally)
+                alerts = f"  {run.alerts:,} alerts"
+            print(
+                f"  round {rnd + 1}  {label:<12} {run.seconds:7.3f} s  "
+                f"{fmt_rate(run.events / run.seconds)}  {run.final_bars:,} final bars{alerts}"
+            )
+    best_plain = min(plain, key=lambda r: r.seconds)
+    best_i = min(range(repeat), key=lambda i: filtered[i].seconds)
+    best_filtered = filtered[best_i]
+    baseline = best_plain.events / best_plain.seconds
+    rate = best_filtered.events / best_filtered.seconds
+    ratio = rate / baseline
+    ok = ratio >= FILTERS_MIN_RATIO
+    print(f"  best     {'no filters':<12} {best_plain.seconds:7.3f} s  {fmt_rate(baseline)}")
+    print(f"  best     {f'{k} filters':<12} {best_filtered.seconds:7.3f} s  {fmt_rate(rate)}")
+
+    per_round = [sum(t.counts.values()) for t in tallies]
+    reached = all(r.alerts == n for r, n in zip(filtered, per_round, strict=True))
+    bars_same = all(r.final_bars == best_plain.final_bars for r in plain + filtered)
+    print(
+        f"  alerts per round {', '.join(f'{n:,}' for n in per_round)} "
+        f"({'the same' if len(set(per_round)) == 1 else 'they differ'}); "
+        f"{'all' if reached else 'NOT all'} of those the engine counted reached the output; "
+        f"final bars {'the same' if bars_same else 'DIFFERENT'} with and without filters"
+    )
+    delivered, counts = per_round[best_i], tallies[best_i].counts
+    print(f"  in the best round with filters, {delivered:,} alerts:")
+    for kind, names in by_kind.items():
+        if not names:
+            continue
+        fired = sum(counts.get(n, 0) for n in names)
+        firing = sum(1 for n in names if counts.get(n, 0))
+        share = fired / max(rows[kind] * len(names), 1)
+        print(
+            f"    {kind:<8} {len(names):>3} filters, {firing:>3} fired: {fired:>7,} alerts over "
+            f"{rows[kind]:>9,} rows ({share:.4%} of filter x row evaluations)"
+        )
+    silent = sorted({n for n in itertools.chain(*by_kind.values()) if not counts.get(n)})
+    if silent:
+        more = f" and {len(silent) - 12} more" if len(silent) > 12 else ""
+        print(f"    never fired: {', '.join(silent[:12])}{more}")
+    print(
+        f"  ratio with / without filters {ratio:6.3f} (target >= {FILTERS_MIN_RATIO:.2f}): "
+        f"{_verdict(ok)}"
+    )
+    return FilterResult(k, rate, baseline, ratio, delivered, ok)
 
 
 # --- measurement helpers --------------------------------------------------------------------------
@@ -638,7 +949,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--events", type=int, default=2_000_000, help="events in the timed stream")
     ap.add_argument("--memory-events", type=int, default=10_000_000, help="events for the RSS run")
-    ap.add_argument("--filters", type=int, default=0, help="filters to attach (placeholder)")
+    ap.add_argument(
+        "--filters", type=int, default=50, help="filters to time end to end (0: skip that run)"
+    )
     ap.add_argument("--rate", type=float, default=300.0, help="event-time events/s per symbol")
     ap.add_argument("--seed", type=int, default=20240529)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per path; best one counts")
@@ -750,8 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ratio end to end / bar engine alone   {e2e_rate / stages.bars:6.3f}")
         print(f"  ratio end to end / ReplaySource drain {e2e_rate / drain_rate:6.3f}")
 
-        if args.filters > 0:  # PLACEHOLDER until polystream has filters; see filters_section
-            filters_section(args.filters)
+        filtered = None
+        if args.filters > 0:
+            filtered = filters_section(path, info, args.filters, args.repeat)
 
         path.unlink()
         print(f"\n== Memory: {args.memory_events:,} events end to end ==")
@@ -771,6 +1085,14 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("final bars match the streams' spans", f"{best.final_bars:,}", bars_ok and mem.bars_ok),
     ]
+    if filtered is not None:
+        rows.append(
+            (
+                f"{filtered.count} filters >= {FILTERS_MIN_RATIO:.0%} of the rate without",
+                f"{filtered.ratio:.3f} x",
+                filtered.ok,
+            )
+        )
     for target, measured, ok in rows:
         print(f"  {target:<52} {measured:>16}   {_verdict(ok)}")
     return 0

@@ -70,6 +70,9 @@ BAR_KEYS = [
 ]
 
 
+ALERT_KEYS = ["type", "filter", "symbol", "timeframe", "time", "severity", "message", "values"]
+
+
 def records(stdout: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
@@ -89,7 +92,10 @@ def test_demo_json_runs_the_whole_pipeline(tmp_path: Path) -> None:
     recs = records(result.stdout)
     statuses = [r for r in recs if r["type"] == "status"]
     bars = [r for r in recs if r["type"] == "bar"]
-    assert len(statuses) + len(bars) == len(recs)
+    # the demo runs the shipped filters
+    alerts = [r for r in recs if r["type"] == "alert"]
+    assert len(statuses) + len(bars) + len(alerts) == len(recs)
+    assert all(list(a) == ALERT_KEYS for a in alerts)
     assert [r["event"] for r in statuses][:3] == ["connected", "authenticated", "subscribed"]
     assert all(isinstance(r["time"], int) and r["time"] > 1_600_000_000_000 for r in statuses)
     assert list(bars[0]) == BAR_KEYS

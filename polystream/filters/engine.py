@@ -74,9 +74,7 @@ class _Tail:
         if n <= 0 or frame.height == 0:
             self.rows = None if n <= 0 else self.rows
             return
-        # signed: pl.len() is unsigned, and fewer rows than n must not wrap around
-        count = pl.len().cast(pl.Int64).over("symbol")
-        self.rows = frame.filter(pl.int_range(pl.len(), dtype=pl.Int64).over("symbol") >= count - n)
+        self.rows = frame.group_by("symbol", maintain_order=True).tail(n).select(frame.columns)
 
 
 class FilterEngine:
@@ -188,19 +186,15 @@ class FilterEngine:
         else:
             old = tail.rows.with_columns(pl.lit(False).alias("_new"))
             frame = pl.concat([old, new.select(old.columns)], how="vertical_relaxed")
-        derived: dict[IndicatorParams, list[lang.Derived]] = {}
-        for lf in loaded:
-            for d in lf.compiled.derived:
-                if d not in derived.setdefault(d.params, []):
-                    derived[d.params].append(d)
-        if not derived:
+        groups = _merge([d for lf in loaded for d in lf.compiled.derived], self.params)
+        if not groups:
             return frame
         raw = ["symbol", "start", "open", "high", "low", "close"]
         work: list[tuple[IndicatorState, pl.DataFrame, bool]] = []
-        keys: list[tuple[str, IndicatorParams]] = []
+        keys: list[tuple[str, int]] = []
         per_symbol = final.select(raw).partition_by("symbol", as_dict=True, maintain_order=True)
         for (symbol,), bars in per_symbol.items():
-            for params in derived:
+            for g, (params, _) in enumerate(groups):
                 key = (str(symbol), tf, params)
                 state = self._states.get(key)
                 if state is None:
@@ -210,25 +204,24 @@ class FilterEngine:
                         if seed.height:
                             state.append(seed)
                 work.append((state, bars, False))
-                keys.append((str(symbol), params))
-        # rows before this batch come from each state's kept history, new rows from the update
+                keys.append((str(symbol), g))
+        # earlier rows come from each state's history as it was before this batch (a big batch
+        # pushes them out of it), new rows from the update
+        before = [st.history for st, _, _ in work]
         results = update_many(work)
-        pieces = []
-        for params, wanted in derived.items():
+        for g, (_, wanted) in enumerate(groups):
+            cols = [pl.col(d.column).alias(d.name) for d in wanted]
             parts = []
-            for (symbol, p), (state, _, _), new_rows in zip(keys, work, results, strict=True):
-                if p is not params:
+            for (symbol, group), prior, new_rows in zip(keys, before, results, strict=True):
+                if group != g:
                     continue
-                cols = [pl.col(d.column).alias(d.name) for d in wanted]
                 rows = [new_rows.select("start", *cols)]
-                if state.history is not None and new_rows.height:
-                    kept = state.history.filter(pl.col("start") < new_rows["start"].min())
-                    rows.insert(0, kept.select("start", *cols))
+                if prior is not None:
+                    rows.insert(0, prior.select("start", *cols))
                 parts.append(pl.concat(rows).with_columns(pl.lit(symbol).alias("symbol")))
             if parts:
-                pieces.append(pl.concat(parts))
-        for piece in pieces:
-            frame = frame.join(piece, on=["symbol", "start"], how="left", maintain_order="left")
+                piece = pl.concat(parts)
+                frame = frame.join(piece, on=["symbol", "start"], how="left", maintain_order="left")
         return frame
 
     # -- trades and quotes ---------------------------------------------------------------------
@@ -241,18 +234,20 @@ class FilterEngine:
 
     def _events(self, kind: str, rows: pl.DataFrame, tail: _Tail) -> list[Alert]:
         loaded = self._of(kind)
-        if not loaded or rows.height == 0:
+        if not loaded:
             tail.rows = None
             return []
+        if rows.height == 0:
+            return []
         lookback = max(lf.compiled.lookback for lf in loaded)
-        new = rows.with_columns(pl.lit(True).alias("_new"))
+        # every step groups by symbol, which is several times faster on a categorical
+        new = rows.with_columns(pl.col("symbol").cast(pl.Categorical), pl.lit(True).alias("_new"))
         if lookback and tail.rows is not None:
             frame = pl.concat([tail.rows.with_columns(pl.lit(False).alias("_new")), new])
         else:
             frame = new
         alerts = self._evaluate(frame, loaded, "time", None)
-        if lookback:
-            tail.keep(frame.drop("_new"), lookback)
+        tail.keep(frame.drop("_new"), lookback)
         return alerts
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -260,6 +255,9 @@ class FilterEngine:
     def _evaluate(
         self, frame: pl.DataFrame, loaded: list[_Loaded], time_column: str, timeframe: str | None
     ) -> list[Alert]:
+        # Columns made from a literal stay scalars inside polars, and an expression such as
+        # `0 < vwap` over one comes out one row long instead of broadcast: make them real.
+        frame = pl.DataFrame(frame.get_columns())
         lengths = sorted({n for lf in loaded for n in lf.compiled.divisors})
         if lengths:
             frame = frame.with_columns(
@@ -272,106 +270,166 @@ class FilterEngine:
                 cond = cond & pl.col("symbol").is_in(list(lf.filter.symbols))
             conditions.append(cond.alias(f"_c{i}"))
         evaluated = (
-            frame.select(pl.col("symbol"), pl.col("_new"), *conditions)
+            frame.select(
+                pl.col("symbol"), pl.col("_new"), pl.col(time_column).alias("_time"), *conditions
+            )
             .with_row_index("_row")
             .filter(pl.col("_new"))
+            .with_row_index("_i")
         )
         if evaluated.height == 0:
             return []
-        fires = []
+        # the previous row of the same symbol, found once for every edge trigger
+        edges = [i for i, lf in enumerate(loaded) if lf.filter.trigger == "edge"]
+        if edges:
+            evaluated = evaluated.with_columns(pl.col("_i").shift(1).over("symbol").alias("_p"))
+        fires = [
+            (
+                pl.col(f"_c{i}") & ~pl.col(f"_c{i}").gather(pl.col("_p")).fill_null(False)
+                if i in edges
+                else pl.col(f"_c{i}")
+            ).alias(f"_f{i}")
+            for i in range(len(loaded))
+        ]
+        flags = evaluated.select("_row", "symbol", pl.col("_time"), *fires)
+        # a symbol's first row here follows its last row of the previous batch
+        firsts: dict[str, int] = {}
+        if edges:
+            first_rows = evaluated.filter(pl.col("_p").is_null()).select("symbol", "_row")
+            firsts = dict(first_rows.iter_rows())
+        fired: list[tuple[int, list[int]]] = []
         for i, lf in enumerate(loaded):
-            c = pl.col(f"_c{i}")
-            if lf.filter.trigger == "level":
-                fires.append(c.alias(f"_f{i}"))
+            column = flags[f"_f{i}"]
+            if not column.any():
                 continue
-            carried = {s: v for s, v in lf.edge.items()}
-            before = c.shift(1).over("symbol")
-            if carried:
-                first = pl.col("symbol").replace_strict(
-                    carried, default=False, return_dtype=pl.Boolean
-                )
-                before = before.fill_null(first)
-            fires.append((c & ~before.fill_null(False)).alias(f"_f{i}"))
-        flags = evaluated.select("_row", "symbol", *fires)
-        last = evaluated.group_by("symbol", maintain_order=True).agg(
-            pl.col(f"_c{i}").last() for i in range(len(loaded))
-        )
-        for row in last.iter_rows():
-            symbol = row[0]
-            for i, lf in enumerate(loaded):
-                lf.edge[symbol] = bool(row[i + 1])
-        alerts: list[Alert] = []
-        for i, lf in enumerate(loaded):
-            hits = flags.filter(pl.col(f"_f{i}")).select("_row", "symbol")
-            if hits.height == 0:
-                continue
-            alerts += self._fire(lf, frame, hits, time_column, timeframe)
+            hits = flags.filter(column).select("_row", "symbol", "_time")
+            stale: set[int] = set()
+            if i in edges and lf.edge:
+                stale = {firsts[s] for s, on in lf.edge.items() if on and s in firsts}
+            rows = self._cool(lf.filter, hits, stale)
+            if rows:
+                fired.append((i, rows))
+        last = evaluated.filter(pl.col("symbol").is_last_distinct())
+        for row in last.select("symbol", *(f"_c{i}" for i in edges)).iter_rows():
+            for i, value in zip(edges, row[1:], strict=True):
+                loaded[i].edge[row[0]] = bool(value)
+        if not fired:
+            return []
+        alerts = self._alerts(frame, loaded, fired, time_column, timeframe)
         alerts.sort(key=lambda a: a.time)
         return alerts
 
-    def _fire(
-        self,
-        lf: _Loaded,
-        frame: pl.DataFrame,
-        hits: pl.DataFrame,
-        time_column: str,
-        timeframe: str | None,
-    ) -> list[Alert]:
-        """Alerts for the rows where a filter fired, after its cooldown."""
-        f = lf.filter
-        times = frame[time_column].gather(hits["_row"]).to_list()
+    def _cool(self, f: Filter, hits: pl.DataFrame, stale: set[int]) -> list[int]:
+        """The rows that fire after the filter's cooldown (per symbol, in event time)."""
         chosen: list[int] = []
-        for row, symbol, t in zip(
-            hits["_row"].to_list(), hits["symbol"].to_list(), times, strict=True
-        ):
+        cooldown = f.cooldown
+        for row, symbol, t in hits.iter_rows():
+            if row in stale:
+                continue
             key = (f.name, symbol)
             last = self._cooldown.get(key)
-            if f.cooldown and last is not None and t - last < f.cooldown:
+            if cooldown and last is not None and t - last < cooldown:
                 continue
             self._cooldown[key] = t
             chosen.append(row)
-        if not chosen:
-            return []
-        rows = pl.Series("_row", chosen, dtype=pl.UInt32)
-        names = [n for n, _ in lf.compiled.values]
-        wanted = set(lf.template.names) - set(names)
-        extra = [c for c in frame.columns if c in wanted]
-        values = frame.select(
-            *(expr.alias(f"_v_{n}") for n, expr in lf.compiled.values),
-            *extra,
-            pl.col(time_column).alias("_time"),
-            pl.col("symbol").alias("_symbol"),
-        )[rows]
-        out = []
-        for row in values.iter_rows(named=True):
-            shown = {n: _number(row[f"_v_{n}"]) for n in names}
-            for c in extra:  # numbers the message shows are part of the alert's values too
-                if c not in _NOT_VALUES and _number(row[c]) is not None:
-                    shown[c] = _number(row[c])
-            context: dict[str, object] = {**{c: row[c] for c in extra}, **shown}
-            if "side" in context:
-                context["side"] = _SIDES.get(context["side"], "unknown")  # type: ignore[call-overload]
-            context.update(
-                filter=f.name,
-                symbol=row["_symbol"],
-                timeframe=timeframe or "",
-                time=_iso(row["_time"]),
-                severity=f.severity,
-            )
-            alert = Alert(
-                f.name,
-                row["_symbol"],
-                timeframe,
-                row["_time"],
-                f.severity,
-                lf.template.render(context),
-                shown,
-                f.notify,
-            )
-            out.append(alert)
-            self.fired[f.name] = self.fired.get(f.name, 0) + 1
-            self.last_fired[f.name] = max(self.last_fired.get(f.name, 0), row["_time"])
+        return chosen
+
+    def _alerts(
+        self,
+        frame: pl.DataFrame,
+        loaded: list[_Loaded],
+        fired: list[tuple[int, list[int]]],
+        time_column: str,
+        timeframe: str | None,
+    ) -> list[Alert]:
+        """The alerts of every filter that fired, with their values: one polars pass over the
+        rows that fired for all of them, and one over the whole frame for values that look
+        back over rows."""
+        everywhere: list[pl.Expr] = []
+        at_rows: list[pl.Expr] = []
+        plans = []
+        for i, rows in fired:
+            lf = loaded[i]
+            names = [n for n, _, _ in lf.compiled.values]
+            for n, expr, window in lf.compiled.values:
+                (everywhere if window else at_rows).append(expr.alias(f"_{i}_v_{n}"))
+            fields = lang.FIELDS[lf.filter.on]
+            # a message may show any field of the row, computed ones (spread, mid) included
+            extra = [
+                n
+                for n in dict.fromkeys(lf.template.names)
+                if n not in names and (n in fields or n in frame.columns)
+            ]
+            at_rows += [
+                (fields[n] if n in fields else pl.col(n)).alias(f"_{i}_x_{n}") for n in extra
+            ]
+            plans.append((i, rows, names, extra))
+        union = sorted({r for _, rows in fired for r in rows})
+        index = pl.Series("_row", union, dtype=pl.UInt32)
+        picked = frame[index].select(
+            pl.col(time_column).alias("_time"), pl.col("symbol").alias("_symbol"), *at_rows
+        )
+        if everywhere:
+            picked = picked.hstack(frame.select(everywhere)[index])
+        columns = picked.to_dict(as_series=False)
+        position = {row: k for k, row in enumerate(union)}
+        out: list[Alert] = []
+        for i, rows, names, extra in plans:
+            f = loaded[i].filter
+            template = loaded[i].template
+            for row in rows:
+                k = position[row]
+                t, symbol = columns["_time"][k], columns["_symbol"][k]
+                shown = {n: _number(columns[f"_{i}_v_{n}"][k]) for n in names}
+                context: dict[str, object] = {n: columns[f"_{i}_x_{n}"][k] for n in extra}
+                for n in extra:  # numbers the message shows are part of the alert's values too
+                    if n not in _NOT_VALUES and _number(context[n]) is not None:
+                        shown[n] = _number(context[n])
+                context.update(shown)
+                if "side" in context:
+                    context["side"] = _SIDES.get(context["side"], "unknown")  # type: ignore[call-overload]
+                context.update(
+                    filter=f.name,
+                    symbol=symbol,
+                    timeframe=timeframe or "",
+                    time=_iso(t),
+                    severity=f.severity,
+                )
+                message = template.render(context)
+                out.append(
+                    Alert(f.name, symbol, timeframe, t, f.severity, message, shown, f.notify)
+                )
+            self.fired[f.name] = self.fired.get(f.name, 0) + len(rows)
+            latest = max(columns["_time"][position[r]] for r in rows)
+            self.last_fired[f.name] = max(self.last_fired.get(f.name, 0), latest)
         return out
+
+
+def _merge(
+    derived: list[lang.Derived], base: IndicatorParams
+) -> list[tuple[IndicatorParams, list[lang.Derived]]]:
+    """Indicator parameter sets covering every derived column, as few as possible: requirements
+    that do not disagree on a parameter share one streaming state (each state computes every
+    indicator, so one state with rsi 7 and MACD 5/35/5 costs what one with either does)."""
+    groups: list[tuple[dict[str, int | float], set[int], list[lang.Derived]]] = []
+    for d in dict.fromkeys(derived):
+        fixed = {k: v for k, v in d.needs if k != "ema"}
+        emas = {int(v) for k, v in d.needs if k == "ema"}
+        for g_fixed, g_emas, members in groups:
+            if all(g_fixed.get(k, v) == v for k, v in fixed.items()):
+                g_fixed.update(fixed)
+                g_emas |= emas
+                members.append(d)
+                break
+        else:
+            groups.append((fixed, emas, [d]))
+    return [
+        (
+            msgspec.structs.replace(base, **fixed, ema=tuple(sorted(set(base.ema) | emas))),
+            members,
+        )
+        for fixed, emas, members in groups
+    ]
 
 
 def _number(value: object) -> float | None:
@@ -393,18 +451,24 @@ def bar_records(
     """OHLCV bars (`time`, open … volume, as `analyze.read_bars` gives them) as final bar
     records with indicator columns, the way the engine emits them. Columns a bar file does not
     have (vwap, trades, buy and sell volume) are null, so conditions on them are false."""
-
     p = params or IndicatorParams()
+    n = bars.height
+
+    def filled(name: str, value: object, dtype: pl.DataType) -> pl.Series:
+        # real columns: polars keeps a literal column as a scalar, which `0 < vwap` would not
+        # broadcast over
+        return pl.Series(name, [value] * n, dtype=dtype)
+
     frame = bars.rename({"time": "start"}).with_columns(
-        pl.lit(symbol).alias("symbol"),
-        pl.lit(_timeframe_label(timeframe)).alias("timeframe"),
+        filled("symbol", symbol, pl.String()),
+        filled("timeframe", _timeframe_label(timeframe), pl.String()),
         (pl.col("start") + timeframe).alias("end"),
-        pl.lit(None, pl.Float64).alias("vwap"),
-        pl.lit(None, pl.Int64).alias("trades"),
-        pl.lit(None, pl.Float64).alias("buy_volume"),
-        pl.lit(None, pl.Float64).alias("sell_volume"),
-        pl.lit("final").alias("state"),
-        pl.lit(None, pl.Float64).alias("flow_imbalance"),
+        filled("vwap", None, pl.Float64()),
+        filled("trades", None, pl.Int64()),
+        filled("buy_volume", None, pl.Float64()),
+        filled("sell_volume", None, pl.Float64()),
+        filled("state", "final", pl.String()),
+        filled("flow_imbalance", None, pl.Float64()),
     )
     return compute(frame, p)
 

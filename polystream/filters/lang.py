@@ -26,6 +26,7 @@ MAX_LENGTH = 2_000
 MAX_DEPTH = 24
 MAX_TOKENS = 400
 MAX_PERIOD = 1_000
+MAX_COST = 2_000
 # An EMA's seed weighs (1 − α)^n after n more rows: 40 periods put it below 1e-17.
 EMA_MEMORY = 40
 # Explicit window sums keep results independent of batch cuts; past this, a rolling sum.
@@ -326,7 +327,8 @@ def _f64(name: str) -> pl.Expr:
 def _safe_div(a: pl.Expr, b: pl.Expr) -> pl.Expr:
     # division by zero gives null, so it compares false, rather than ±inf or NaN (which polars
     # orders above every number)
-    return pl.when(b != 0).then(a / b).otherwise(None)
+    # (no `.otherwise(None)`: polars 2.1 takes `lit < when(..).otherwise(None)` for a scalar)
+    return pl.when(b != 0).then(a / b)
 
 
 FIELDS: dict[str, dict[str, pl.Expr]] = {
@@ -402,11 +404,12 @@ FUNCTIONS = (*INDICATORS, *SERIES_FUNCTIONS)
 
 @dataclass(frozen=True)
 class Derived:
-    """An indicator column the evaluator adds because its parameters differ from the run's."""
+    """An indicator column the evaluator adds because its parameters differ from the run's:
+    `column` of an `IndicatorParams` with the parameter values in `needs`."""
 
     name: str
-    params: IndicatorParams
     column: str
+    needs: tuple[tuple[str, int | float], ...]
 
 
 @dataclass(frozen=True)
@@ -414,7 +417,8 @@ class Compiled:
     """A checked expression, ready to evaluate over a frame of rows of its kind."""
 
     condition: pl.Expr  # boolean, never null
-    values: tuple[tuple[str, pl.Expr], ...]  # what an alert shows, in order of appearance
+    # what an alert shows, in order of appearance, and whether each looks back over rows
+    values: tuple[tuple[str, pl.Expr, bool], ...]
     derived: tuple[Derived, ...]
     lookback: int  # earlier rows per symbol the condition reads
     columns: tuple[str, ...]  # engine indicator columns it reads
@@ -429,6 +433,8 @@ class _Value:
     windowed: bool = False
     name: str | None = None
     literal: float | str | None = None
+    constant: bool = False  # no column in it: the same on every row, before and after
+    cost: int = 1  # column reads when evaluated: nested windows multiply it
 
 
 @dataclass
@@ -440,6 +446,7 @@ class _Compiler:
     derived: dict[str, Derived] = field(default_factory=dict)
     columns: set[str] = field(default_factory=set)
     divisors: set[int] = field(default_factory=set)
+    too_costly: bool = False
 
     def fail(self, at: int, message: str) -> None:
         self.problems.append(Problem(at, message))
@@ -452,12 +459,25 @@ class _Compiler:
     # -- nodes ---------------------------------------------------------------------------------
 
     def visit(self, node: Node) -> _Value | None:
+        value = self._visit(node)
+        if value is not None and value.cost > MAX_COST:
+            if not self.too_costly:
+                self.fail(
+                    _start(node),
+                    f"this part reads columns more than {MAX_COST:,} times (nested windows "
+                    "multiply the work); expected a simpler expression",
+                )
+            self.too_costly = True
+            return None
+        return value
+
+    def _visit(self, node: Node) -> _Value | None:
         if isinstance(node, Num):
-            return _Value(NUM, pl.lit(node.value, pl.Float64), literal=node.value)
+            return _Value(NUM, pl.lit(node.value, pl.Float64), literal=node.value, constant=True)
         if isinstance(node, Bool):
-            return _Value(BOOL, pl.lit(node.value))
+            return _Value(BOOL, pl.lit(node.value), constant=True)
         if isinstance(node, Str):
-            return _Value("string", pl.lit(node.value), literal=node.value)
+            return _Value("string", pl.lit(node.value), literal=node.value, constant=True)
         if isinstance(node, Name):
             return self.field(node)
         if isinstance(node, Call):
@@ -469,11 +489,26 @@ class _Compiler:
             if node.op == "not":
                 if not self.want(inner, BOOL, node.operand, "after 'not'"):
                     return None
-                return _Value(BOOL, ~inner.expr, inner.lookback, inner.windowed)
+                return _Value(
+                    BOOL,
+                    ~inner.expr,
+                    inner.lookback,
+                    inner.windowed,
+                    constant=inner.constant,
+                    cost=inner.cost + 1,
+                )
             if not self.want(inner, NUM, node.operand, "after '-'"):
                 return None
             literal = -inner.literal if isinstance(inner.literal, float) else None
-            return _Value(NUM, -inner.expr, inner.lookback, inner.windowed, literal=literal)
+            return _Value(
+                NUM,
+                -inner.expr,
+                inner.lookback,
+                inner.windowed,
+                literal=literal,
+                constant=inner.constant,
+                cost=inner.cost + 1,
+            )
         if isinstance(node, Binary):
             return self.binary(node)
         return self.compare(node)
@@ -533,6 +568,8 @@ class _Compiler:
             expr,
             max(left.lookback, right.lookback),
             left.windowed or right.windowed,
+            constant=left.constant and right.constant,
+            cost=left.cost + right.cost + 1,
         )
 
     def compare(self, node: Compare) -> _Value | None:
@@ -563,6 +600,7 @@ class _Compiler:
             expr.fill_null(False),
             max(v.lookback for v in values),
             any(v.windowed for v in values),
+            cost=sum(v.cost for v in values) + 1,
         )
 
     def compare_text(self, op: str, a: _Value, b: _Value, na: Node, nb: Node) -> pl.Expr | None:
@@ -652,12 +690,13 @@ class _Compiler:
         else:
             suffix = "_".join(_token(getattr(params, f)) for f in fields)
             name = f"{node.name}_{suffix}"
+            needs = tuple((f, getattr(params, f)) for f in fields)
             if node.name == "bb_percent":
                 for part in ("bb_upper", "bb_lower"):
-                    self.derived[f"{part}_{suffix}"] = Derived(f"{part}_{suffix}", params, part)
+                    self.derived[f"{part}_{suffix}"] = Derived(f"{part}_{suffix}", part, needs)
                 expr = _bb_percent(pl.col(f"bb_upper_{suffix}"), pl.col(f"bb_lower_{suffix}"))
             else:
-                self.derived[name] = Derived(name, params, column)
+                self.derived[name] = Derived(name, column, needs)
                 expr = pl.col(name)
         value = _Value(NUM, expr)
         self.name_value(name, value)
@@ -694,9 +733,16 @@ class _Compiler:
             else:
                 combine = pl.min_horizontal if name == "min" else pl.max_horizontal
                 # null when any argument is null, like every other operation
-                expr = pl.when(pl.any_horizontal([e.is_null() for e in exprs])).then(None)
-                expr = expr.otherwise(combine(exprs))
-            return _Value(NUM, expr, max(v.lookback for v in got), any(v.windowed for v in got))
+                expr = pl.when(pl.all_horizontal([e.is_not_null() for e in exprs])).then(
+                    combine(exprs)
+                )
+            return _Value(
+                NUM,
+                expr,
+                max(v.lookback for v in got),
+                any(v.windowed for v in got),
+                cost=got[0].cost + 1 if name == "abs" else 2 * sum(v.cost for v in got) + 1,
+            )
         if name in ("crosses_above", "crosses_below"):
             a, b = self.visit(args[0]), self.visit(args[1])
             if a is None or b is None:
@@ -705,13 +751,14 @@ class _Compiler:
             if not (self.want(a, NUM, args[0], where) & self.want(b, NUM, args[1], where)):
                 return None
             now = a.expr > b.expr if name == "crosses_above" else a.expr < b.expr
-            before = (
-                a.expr.shift(1) <= b.expr.shift(1)
-                if name == "crosses_above"
-                else a.expr.shift(1) >= b.expr.shift(1)
-            )
+            pa, pb = _earlier(a, 1), _earlier(b, 1)
+            before = pa <= pb if name == "crosses_above" else pa >= pb
             return _Value(
-                BOOL, (now & before).fill_null(False), max(a.lookback, b.lookback) + 1, True
+                BOOL,
+                (now & before).fill_null(False),
+                max(a.lookback, b.lookback) + 1,
+                True,
+                cost=2 * (a.cost + b.cost) + 1,
             )
         # sma ema prev change pct_change highest lowest: (series[, n]) or, for sma/ema, (n)
         if name in ("sma", "ema") and len(args) == 1:
@@ -739,11 +786,10 @@ class _Compiler:
             if n in self.params.ema:
                 self.columns.add(label)
             else:
-                params = msgspec_replace(self.params, {"ema": (n,)})
-                self.derived[label] = Derived(label, params, label)
+                self.derived[label] = Derived(label, label, (("ema", n),))
             value = _Value(NUM, pl.col(label))
         else:
-            if name in ("sma", "ema") and n <= EXPLICIT_SUM:
+            if name in ("sma", "ema") and _explicit(x, n):
                 self.divisors.add(n)
             value = self._series(name, x, n)
         self.name_value(label, value)
@@ -751,19 +797,27 @@ class _Compiler:
 
     def _series(self, name: str, x: _Value, n: int) -> _Value:
         e = x.expr
+        if x.constant and name in ("prev", "highest", "lowest", "sma", "ema"):
+            return x  # a constant's past, mean or extreme is itself
+        before = _earlier(x, n)
+        c = x.cost
+        mean_cost = c * n if _explicit(x, n) else c
         if name == "prev":
-            return _Value(NUM, e.shift(n), x.lookback + n, True)
+            return _Value(NUM, before, x.lookback + n, True, cost=c + 1)
         if name == "change":
-            return _Value(NUM, e - e.shift(n), x.lookback + n, True)
+            return _Value(NUM, e - before, x.lookback + n, True, cost=2 * c + 1)
         if name == "pct_change":
-            return _Value(NUM, _safe_div(e - e.shift(n), e.shift(n)) * 100.0, x.lookback + n, True)
+            pct = _safe_div(e - before, before) * 100.0
+            return _Value(NUM, pct, x.lookback + n, True, cost=3 * c + 1)
         if name == "highest":
-            return _Value(NUM, e.rolling_max(n), x.lookback + n - 1, True)
+            return _Value(NUM, e.rolling_max(n), x.lookback + n - 1, True, cost=c + 1)
         if name == "lowest":
-            return _Value(NUM, e.rolling_min(n), x.lookback + n - 1, True)
+            return _Value(NUM, e.rolling_min(n), x.lookback + n - 1, True, cost=c + 1)
+        explicit = _explicit(x, n)
         if name == "sma":
-            return _Value(NUM, _mean(e, n), x.lookback + n - 1, True)
-        return _Value(NUM, _ema(e, n), x.lookback + min(EMA_MEMORY * n, 20_000), True)
+            return _Value(NUM, _mean(e, n, explicit), x.lookback + n - 1, True, cost=mean_cost + 1)
+        memory = x.lookback + min(EMA_MEMORY * n, 20_000)
+        return _Value(NUM, _ema(e, n, explicit), memory, True, cost=mean_cost + c + 2)
 
     def imbalance(self, node: Call) -> _Value | None:
         if self.kind == "bar":
@@ -806,6 +860,11 @@ _COMPARISONS: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
 }
 
 
+def _earlier(value: _Value, n: int) -> pl.Expr:
+    """The value n rows back; a constant has no rows of its own to shift (it would be null)."""
+    return value.expr if value.constant else value.expr.shift(n)
+
+
 def msgspec_replace(params: IndicatorParams, changes: dict[str, object]) -> IndicatorParams:
     return msgspec.structs.replace(params, **changes)
 
@@ -823,11 +882,18 @@ def divisor_column(n: int) -> str:
     return f"_n_{n}"
 
 
-def _mean(x: pl.Expr, n: int) -> pl.Expr:
-    """Mean of the last n values: null until the window is full. The sum is written out so it
-    does not depend on where the frame starts; the divisor is a column (see `divisor_column`)
-    because polars turns a division by a literal into a multiplication by its reciprocal."""
-    if n > EXPLICIT_SUM:
+def _explicit(x: _Value, n: int) -> bool:
+    """Whether a window over x is summed term by term: for a column (a field or an indicator)
+    and a short window. Over a computed series every term would compute it again."""
+    return x.cost == 1 and n <= EXPLICIT_SUM
+
+
+def _mean(x: pl.Expr, n: int, explicit: bool) -> pl.Expr:
+    """Mean of the last n values: null until the window is full. For a column the sum is
+    written out, so it does not depend on where the frame starts, and the divisor is a column
+    (see `divisor_column`) because polars turns a division by a literal into a multiplication
+    by its reciprocal."""
+    if not explicit:
         return x.rolling_mean(n)
     total = x.shift(n - 1)
     for k in range(n - 2, -1, -1):
@@ -835,14 +901,14 @@ def _mean(x: pl.Expr, n: int) -> pl.Expr:
     return total / pl.col(divisor_column(n))
 
 
-def _ema(x: pl.Expr, n: int) -> pl.Expr:
+def _ema(x: pl.Expr, n: int, explicit: bool) -> pl.Expr:
     """TA-Lib's EMA over the rows at hand: seeded with the mean of the first n, then
     y = y' + α(x − y'). Rows are kept long enough (EMA_MEMORY periods) that the seed no longer
     shows."""
     row = pl.int_range(pl.len())
-    seeded = pl.when(row == n - 1).then(_mean(x, n)).when(row >= n).then(x).otherwise(None)
+    seeded = pl.when(row == n - 1).then(_mean(x, n, explicit)).when(row >= n).then(x)
     smooth = seeded.ewm_mean(alpha=2 / (n + 1), adjust=False, ignore_nulls=True)
-    return pl.when(row >= n - 1).then(smooth).otherwise(None)
+    return pl.when(row >= n - 1).then(smooth)
 
 
 def compile_expression(
@@ -868,7 +934,7 @@ def compile_expression(
     # windows (shifts, rolling sums) look back within each symbol's own rows
     condition = value.expr.over("symbol") if value.windowed else value.expr
     values = tuple(
-        (name, expr.over("symbol") if windowed else expr)
+        (name, expr.over("symbol") if windowed else expr, windowed)
         for name, (expr, windowed) in compiler.values.items()
     )
     return (

@@ -119,7 +119,7 @@ def parse_template(text: str) -> tuple[Template | None, list[tuple[int, str]]]:
     problems: list[tuple[int, str]] = []
     at = 0
     for literal, name, spec, conversion in pieces:
-        at += len(literal)
+        at += len(literal) + literal.count("{") + literal.count("}")  # `{{` in the source
         if name is None:
             parts.append((literal, None, ""))
             continue
@@ -192,17 +192,26 @@ class Filter(msgspec.Struct, frozen=True):
         return _emit(doc)
 
 
+# characters YAML does not allow raw in a file, or reads as line breaks: written escaped
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]")
+
+
+def _quote(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _emit(doc: dict[str, object]) -> str:
     """A filter document as YAML, one key per line, strings double-quoted (a JSON string is a
     valid YAML one) so that nothing in an expression or message is read as YAML syntax."""
     lines = []
     for key, value in doc.items():
         if isinstance(value, list):
-            text = "[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in value) + "]"
+            text = "[" + ", ".join(_quote(v) for v in value) + "]"
         elif isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", value):
             text = value
         else:
-            text = json.dumps(value, ensure_ascii=False)
+            text = _quote(value)
         lines.append(f"{key}: {text}")
     return "\n".join(lines) + "\n"
 
@@ -220,7 +229,7 @@ def template_names(kind: str, compiled: lang.Compiled | None, params: IndicatorP
     if kind == "bar":
         names |= {"start", "end", "state", "flow_imbalance", *params.columns}
     if compiled is not None:
-        names |= {name for name, _ in compiled.values}
+        names |= {name for name, _, _ in compiled.values}
     return names
 
 
@@ -304,17 +313,29 @@ def parse_filter(
         raise FilterError(path, r.problems)
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                at = event.start_mark.index if event.start_mark is not None else 0
-                r.at(at, "anchors and aliases are not allowed in filter files")
-                raise FilterError(path, r.problems)
+            where = event.start_mark.index if event.start_mark is not None else 0
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                r.at(where, "anchors and aliases are not allowed in filter files")
+            elif (tag := getattr(event, "tag", None)) and not (
+                isinstance(event, yaml.ScalarEvent) and event.implicit[0]
+            ):
+                r.at(where, f"YAML tags such as {tag} are not allowed in filter files")
+            elif isinstance(event, yaml.DocumentStartEvent) and event.tags:
+                r.at(where, "YAML directives are not allowed in filter files")
+        if r.problems:
+            raise FilterError(path, r.problems)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as exc:
+        ch = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        r.at(exc.position, f"the character U+{ord(ch):04X} is not allowed in a YAML file")
+        raise FilterError(path, r.problems) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        r.at(mark.index if mark is not None else 0, f"not valid YAML: {exc.problem or exc.context}")
+        what = " ".join(str(exc.problem or exc.context).split())
+        r.at(mark.index if mark is not None else 0, f"not valid YAML: {what}")
         raise FilterError(path, r.problems) from None
     except yaml.YAMLError as exc:
-        r.at(0, f"not valid YAML: {exc}")
+        r.at(0, "not valid YAML: " + " ".join(str(exc).split()))
         raise FilterError(path, r.problems) from None
     if root is None:
         r.at(0, "the file is empty; expected keys such as name: and when:")
@@ -379,9 +400,10 @@ def parse_filter(
                 symbols.append(normalize(text_value))
             except SymbolError as exc:
                 r.node(node, str(exc).rstrip("."))
-        fields["symbols"] = tuple(dict.fromkeys(symbols)) if items else ()
-        if not items:
-            r.node(found["symbols"][1], 'expected at least one symbol, or ["*"] for all')
+        fields["symbols"] = tuple(dict.fromkeys(symbols))
+        node = found["symbols"][1]
+        if isinstance(node, yaml.SequenceNode) and not node.value:
+            r.node(node, 'expected at least one symbol, or ["*"] for all')
     if (got := value("trigger", "edge or level")) is not None:
         node, trigger = got
         if trigger not in TRIGGERS:

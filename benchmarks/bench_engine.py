@@ -960,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp", type=Path, default=None, help="directory for the recordings")
     ap.add_argument("--memory-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_events < 100_000:
+        ap.error("--memory-events must be at least 100000 for ten checkpoints to mean anything")
     if args.memory_child is not None:
         return memory_child(args)
 

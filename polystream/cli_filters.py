@@ -14,7 +14,6 @@ from . import display
 from .config import load_settings
 from .errors import ConfigError, PolystreamError
 from .filters import (
-    Filter,
     FilterError,
     add_filter,
     filter_files,
@@ -42,19 +41,21 @@ def _dir(filters: Path | None) -> Path:
     return filters or load_settings().filters_dir
 
 
-def _resolve(target: str, directory: Path) -> Filter:
-    """A filter given as a file path, a name in the filters directory, or a shipped name."""
+def _locate(target: str, directories: list[Path], *, files: bool = True) -> Path:
+    """A filter given as a file path (when `files`), or by name: the file that holds it in the
+    first of `directories` that has it, else among the shipped filters."""
     path = Path(target)
-    if path.is_file():
-        return read_filter(path)
-    for where in (directory, shipped_dir()):
+    if files and path.is_file():
+        return path
+    for where in [*directories, shipped_dir()]:
         try:
-            return read_filter(find_filter(where, target))
+            return find_filter(where, target)
         except ConfigError:
             continue
+    places = " or ".join([*map(str, directories), "the shipped filters"])
+    kind = "neither a filter file nor the name of a filter" if files else "not the name of a filter"
     raise ConfigError(
-        f"{target!r} is neither a filter file nor the name of a filter in {directory} "
-        "or among the shipped filters (polystream filter list --shipped)."
+        f"{target!r} is {kind} in {places} (polystream filter list --shipped lists those)."
     )
 
 
@@ -91,18 +92,8 @@ def add(
             "give either a FILE or --name and --when", param_hint="FILE / --name --when"
         )
     if file is not None:
-        path = Path(file)
-        if path.is_file():
-            f = read_filter(path)
-        else:
-            try:
-                path = find_filter(shipped_dir(), file)
-            except ConfigError:
-                raise ConfigError(
-                    f"No filter file {file!r}, and no shipped filter of that name "
-                    "(polystream filter list --shipped shows them)."
-                ) from None
-            f = read_filter(path)
+        path = _locate(file, [])
+        f = read_filter(path)
         text = path.read_text(encoding="utf-8")
     else:
         if not name or not when:
@@ -174,16 +165,7 @@ def show(
     filters: DirOption = None,
 ) -> None:
     """Print a filter's file."""
-    directory = _dir(filters)
-    try:
-        path = find_filter(directory, name)
-    except ConfigError:
-        try:
-            path = find_filter(shipped_dir(), name)
-        except ConfigError:
-            raise ConfigError(
-                f"No filter named {name!r} in {directory} or among the shipped filters."
-            ) from None
+    path = _locate(name, [_dir(filters)], files=False)
     display.show_file(str(path), path.read_text(encoding="utf-8"))
 
 
@@ -254,7 +236,7 @@ def test(
 
     if (bars is None) == (replay is None):
         raise typer.BadParameter("give exactly one of --bars and --replay", param_hint="--bars")
-    f = _resolve(target, _dir(filters))
+    f = read_filter(_locate(target, [_dir(filters)]))
     if bars is not None:
         if f.on != "bar":
             raise ConfigError(

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +22,8 @@ from ..indicators import IndicatorParams
 from .spec import Filter, FilterError, Located, read_filter
 
 SUFFIXES = (".yaml", ".yml")
+# A file changed this recently is left for the next poll, so a half-written one is not read.
+SETTLE_NS = 100_000_000
 LAST_FIRED = "last-fired.json"
 
 
@@ -77,15 +80,23 @@ def _duplicate(path: Path, name: str, other: Path) -> FilterError:
     )
 
 
-def find_filter(directory: Path, name: str) -> Path:
-    """The file in `directory` that holds the filter called `name`."""
+def _holder(directory: Path, name: str) -> Path | None:
+    """The file that holds the filter called `name`; an invalid file counts by its stem."""
     for path in filter_files(directory):
         try:
-            if read_filter(path).name == name:
-                return path
+            found = read_filter(path).name
         except PolystreamError:
-            if path.stem == name:
-                return path
+            found = path.stem
+        if found == name:
+            return path
+    return None
+
+
+def find_filter(directory: Path, name: str) -> Path:
+    """The file in `directory` that holds the filter called `name`."""
+    path = _holder(directory, name)
+    if path is not None:
+        return path
     known = ", ".join(sorted(load_directory(directory).filters)) or "none"
     raise ConfigError(f"No filter named {name!r} in {directory} (filters there: {known}).")
 
@@ -106,15 +117,7 @@ def add_filter(directory: Path, f: Filter, text: str, *, force: bool = False) ->
     """Write a checked filter into `directory` as NAME.yaml; a filter of the same name is
     replaced only with `force` (and then in its own file)."""
     target = directory / f"{f.name}.yaml"
-    existing: Path | None = None
-    for path in filter_files(directory):
-        try:
-            name = read_filter(path).name
-        except PolystreamError:
-            name = path.stem
-        if name == f.name:
-            existing = path
-            break
+    existing = _holder(directory, f.name)
     if existing is not None:
         if not force:
             raise ConfigError(
@@ -157,7 +160,7 @@ class FilterWatcher:
     def load(self) -> list[PolystreamError]:
         """The first scan: every invalid file is returned (a run refuses to start with one)."""
         errors: list[PolystreamError] = []
-        for event in self._scan():
+        for event in self._scan(settling=False):
             if event[0] == "error":
                 errors.append(event[2])  # type: ignore[arg-type]
         return errors
@@ -178,7 +181,7 @@ class FilterWatcher:
                 out.append(Event(f"filter_{kind}", str(detail)))
         return out
 
-    def _scan(self) -> list[tuple[str, Path, object]]:
+    def _scan(self, settling: bool = True) -> list[tuple[str, Path, object]]:
         try:
             paths = filter_files(self.directory)
         except ConfigError as exc:
@@ -197,6 +200,8 @@ class FilterWatcher:
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
             if self._stamps.get(path) == stamp:
                 continue
+            if settling and time.time_ns() - st.st_mtime_ns < SETTLE_NS:
+                continue  # an editor may be between truncating and writing it: look next time
             self._stamps[path] = stamp
             try:
                 f = read_filter(path, self.params)

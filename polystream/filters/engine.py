@@ -18,7 +18,6 @@ import msgspec
 import polars as pl
 
 from ..config import timeframe_name
-from ..events import SIDE_BUY, SIDE_SELL
 from ..indicators import IndicatorParams, IndicatorState, compute, update_many
 from . import lang
 from .spec import Filter, Template
@@ -26,7 +25,7 @@ from .spec import Filter, Template
 # Bars kept per symbol and timeframe beyond what the filters look back over, so that a filter
 # added mid-run starts with warmed-up indicators.
 SEED_BARS = 300
-_SIDES = {SIDE_BUY: "buy", SIDE_SELL: "sell"}
+_SIDES = {code: name for name, code in lang.SIDES.items()}
 _NOT_VALUES = {"start", "end", "received", "side", "exchange", "time"}
 
 
@@ -130,6 +129,15 @@ class FilterEngine:
         self._loaded = loaded
         for key in [k for k in self._cooldown if k[0] not in loaded]:
             del self._cooldown[key]
+        # indicator states for parameters no filter asks for any more are dropped
+        needed = {
+            (tf, params)
+            for tf in self.timeframes
+            for params, _ in _merge(
+                [d for lf in self._of("bar", tf) for d in lf.compiled.derived], self.params
+            )
+        }
+        self._states = {k: v for k, v in self._states.items() if (k[1], k[2]) in needed}
 
     def _of(self, kind: str, timeframe: int | None = None) -> list[_Loaded]:
         return [
@@ -261,7 +269,8 @@ class FilterEngine:
         lengths = sorted({n for lf in loaded for n in lf.compiled.divisors})
         if lengths:
             frame = frame.with_columns(
-                pl.Series(lang.divisor_column(n), [float(n)] * frame.height) for n in lengths
+                pl.repeat(float(n), frame.height, eager=True).alias(lang.divisor_column(n))
+                for n in lengths
             )
         conditions = []
         for i, lf in enumerate(loaded):

@@ -681,7 +681,7 @@ class _Compiler:
             return None
         mine = self.params
         custom: dict[str, object] = {k: v for k, v in overrides.items() if getattr(mine, k) != v}
-        params = msgspec_replace(mine, custom)
+        params = msgspec.structs.replace(mine, **custom)
         column = template.format(**{f: getattr(params, f) for f in fields})
         if not custom:
             name = column
@@ -863,10 +863,6 @@ _COMPARISONS: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
 def _earlier(value: _Value, n: int) -> pl.Expr:
     """The value n rows back; a constant has no rows of its own to shift (it would be null)."""
     return value.expr if value.constant else value.expr.shift(n)
-
-
-def msgspec_replace(params: IndicatorParams, changes: dict[str, object]) -> IndicatorParams:
-    return msgspec.structs.replace(params, **changes)
 
 
 def _token(value: float) -> str:

@@ -1,6 +1,7 @@
 """The pipeline, on the main thread: drains a source's queue in batches, decodes, turns events
-into columnar micro-batches, builds bars and indicators, and hands records and snapshots to the
-outputs. The only module that imports every stage.
+into columnar micro-batches, builds bars and indicators, evaluates the filters (picking up
+changed filter files every half second), and hands records, alerts and snapshots to the outputs.
+The only module that imports every stage.
 
 Ctrl-C (KeyboardInterrupt) stops the source, drains what it already delivered, emits the open
 bars as `partial`, and returns a result with `interrupted` set; the CLI makes that exit 130.

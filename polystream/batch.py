@@ -27,6 +27,7 @@ TRADE_SCHEMA = {
     "size": pl.Float64,
     "side": pl.Int8,
     "exchange": pl.Int16,
+    "trade_id": pl.String,
     "received": pl.Int64,
 }
 QUOTE_SCHEMA = {
@@ -36,6 +37,7 @@ QUOTE_SCHEMA = {
     "bid_size": pl.Float64,
     "ask": pl.Float64,
     "ask_size": pl.Float64,
+    "exchange": pl.Int16,
     "received": pl.Int64,
 }
 AGG_SCHEMA = {
@@ -193,6 +195,8 @@ class Batcher:
                 "size": [t.size for t in tr],
                 "side": [2 if 2 in t.conditions else (1 if 1 in t.conditions else 0) for t in tr],
                 "exchange": [t.exchange for t in tr],
+                # the feed sends string ids, but an integer one is kept too, as text
+                "trade_id": pl.Series([t.id for t in tr], dtype=pl.String, strict=False),
                 "received": tr_received,
             },
             schema=TRADE_SCHEMA,
@@ -205,6 +209,7 @@ class Batcher:
                 "bid_size": [q.bid_size for q in qu],
                 "ask": [q.ask for q in qu],
                 "ask_size": [q.ask_size for q in qu],
+                "exchange": [q.exchange for q in qu],
                 "received": qu_received,
             },
             schema=QUOTE_SCHEMA,

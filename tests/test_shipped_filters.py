@@ -475,8 +475,8 @@ def trades(rows: list[tuple[float, float, float, int]]) -> pl.DataFrame:
     """(second, price, size, side) → a trade frame as the batcher builds it."""
     return pl.DataFrame(
         [
-            (SYMBOL, T0 + round(s * 1000), price, size, side, 1, T0 + round(s * 1000) + 5)
-            for s, price, size, side in rows
+            (SYMBOL, T0 + round(s * 1000), price, size, side, 1, str(k), T0 + round(s * 1000) + 5)
+            for k, (s, price, size, side) in enumerate(rows)
         ],
         schema=TRADE_SCHEMA,
         orient="row",
@@ -525,7 +525,7 @@ def quotes(rows: list[tuple[float, float, float]]) -> pl.DataFrame:
     """(second, bid size, ask size) at 50 000 / 50 001 → a quote frame as the batcher builds it."""
     return pl.DataFrame(
         [
-            (SYMBOL, T0 + round(s * 1000), 50_000.0, bid, 50_001.0, ask, T0 + round(s * 1000))
+            (SYMBOL, T0 + round(s * 1000), 50_000.0, bid, 50_001.0, ask, 1, T0 + round(s * 1000))
             for s, bid, ask in rows
         ],
         schema=QUOTE_SCHEMA,

@@ -18,10 +18,12 @@ SEC, MIN = 1_000, 60_000
 
 def trades(rows: list[tuple[str, int, float, float, int, int]]) -> pl.DataFrame:
     """(symbol, event time, price, size, side, receipt time) rows as a batch of trades."""
-    frame = pl.DataFrame(
-        rows, schema=[(k, v) for k, v in TRADE_SCHEMA.items() if k != "exchange"], orient="row"
-    )
-    return frame.with_columns(pl.lit(1, pl.Int16).alias("exchange")).select(list(TRADE_SCHEMA))
+    given = ("symbol", "time", "price", "size", "side", "received")
+    frame = pl.DataFrame(rows, schema=[(k, TRADE_SCHEMA[k]) for k in given], orient="row")
+    return frame.with_columns(
+        pl.lit(1, pl.Int16).alias("exchange"),
+        pl.int_range(pl.len()).cast(pl.String).alias("trade_id"),
+    ).select(list(TRADE_SCHEMA))
 
 
 def t(

@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer.exceptions import TyperException
@@ -32,6 +32,10 @@ from .simulator import DemoFeed
 from .source import FeedClient, FeedOptions
 from .symbols import normalize, to_pair
 from .window import BarOptions
+
+if TYPE_CHECKING:
+    from .notify import TelegramNotifier
+    from .store import Store
 
 app = typer.Typer(
     name="polystream",
@@ -138,8 +142,23 @@ def watch(
         Path | None,
         typer.Option(help="Filters directory, watched for changes [default: ./filters]."),
     ] = None,
+    store: Annotated[
+        bool | None,
+        typer.Option(
+            "--store/--no-store", help="Store rows in DATABASE_URL [default: on when it is set]."
+        ),
+    ] = None,
+    notify: Annotated[
+        bool | None,
+        typer.Option(
+            "--notify/--no-notify",
+            help="Send alerts routed to telegram [default: on when TELEGRAM_BOT_TOKEN and "
+            "TELEGRAM_CHAT_ID are set].",
+        ),
+    ] = None,
 ) -> None:
-    """Live feed -> bars, indicators, filters and alerts, dashboard, JSON records, recordings."""
+    """Live feed -> bars, indicators, filters and alerts, dashboard, JSON records, storage,
+    Telegram, recordings."""
     settings = _settings()
     filters_dir = filters or settings.filters_dir
     normalized = [normalize(s) for s in dict.fromkeys(symbols)]
@@ -163,6 +182,8 @@ def watch(
     )
     if speed is not None and speed <= 0:
         raise ConfigError(f"Invalid --speed {speed:g}: give a positive multiple of real time.")
+    row_sink = _store(settings, store)
+    alert_sink = _notifier(settings, notify)
     with contextlib.ExitStack() as stack:
         source = _open_source(feed, settings, pairs, chans, speed, seed, stack)
         outputs: list[Output] = []
@@ -180,6 +201,8 @@ def watch(
             recorder=recorder,
             watcher=watcher,
             state_dir=settings.state_dir,
+            store=row_sink,
+            notifier=alert_sink,
         )
         result = pipeline.run(duration)
     if result.interrupted:
@@ -202,6 +225,12 @@ def demo(
         Path | None,
         typer.Option(help="Filters directory [default: ./filters, else the shipped filters]."),
     ] = None,
+    store: Annotated[
+        bool, typer.Option("--store/--no-store", help="Store the demo's rows in DATABASE_URL.")
+    ] = False,
+    notify: Annotated[
+        bool, typer.Option("--notify/--no-notify", help="Send its alerts to Telegram.")
+    ] = False,
 ) -> None:
     """`watch X:BTCUSD X:ETHUSD --feed demo -t 1s -t 1m`: the whole pipeline, no key, no network."""
     if filters is None:
@@ -219,6 +248,49 @@ def demo(
         speed=None,
         seed=seed,
         filters=filters,
+        store=store,
+        notify=notify,
+    )
+
+
+def _database_url(settings: Settings) -> str:
+    if not settings.database_url:
+        raise ConfigError(
+            "DATABASE_URL is not set: put postgresql://user@host:5432/dbname in the environment "
+            "or .env."
+        )
+    return settings.database_url
+
+
+def _store(settings: Settings, wanted: bool | None) -> Store | None:
+    """The database writer, when storage is asked for or DATABASE_URL is set; a database with
+    pending migrations is refused before anything runs."""
+    if wanted is False or (wanted is None and not settings.database_url):
+        return None
+    from .store import Store, require_migrated
+
+    url = _database_url(settings)
+    require_migrated(url)
+    return Store(url, settings.state_dir)
+
+
+def _notifier(settings: Settings, wanted: bool | None) -> TelegramNotifier | None:
+    """The Telegram notifier, when asked for or configured."""
+    ready = bool(settings.telegram_bot_token and settings.telegram_chat_ids)
+    if wanted is True and not ready:
+        raise ConfigError(
+            "--notify needs TELEGRAM_BOT_TOKEN and TELEGRAM_CHAT_ID in the environment or .env."
+        )
+    if wanted is False or not ready:
+        return None
+    from .notify import TelegramNotifier
+
+    assert settings.telegram_bot_token is not None
+    return TelegramNotifier(
+        settings.telegram_bot_token,
+        settings.telegram_chat_ids,
+        settings.state_dir,
+        api_url=settings.telegram_api_url,
     )
 
 
@@ -234,6 +306,34 @@ def _load_filters(watcher: FilterWatcher) -> None:
         f"{'are' if len(errors) > 1 else 'is'} not valid; fix or remove "
         f"{'them' if len(errors) > 1 else 'it'} (polystream filter validate shows every problem)."
     )
+
+
+@app.command()
+def migrate(
+    list_: Annotated[
+        bool, typer.Option("--list", help="Show the applied and the pending migrations.")
+    ] = False,
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Undo the last applied migration.")
+    ] = False,
+) -> None:
+    """Apply the SQL migrations to DATABASE_URL (or list them, or undo the last one)."""
+    from . import store as storage
+
+    if list_ and rollback:
+        raise typer.BadParameter("give --list or --rollback, not both", param_hint="--list")
+    url = _database_url(_settings())
+    if list_:
+        display.migration_table(storage.migration_status(url))
+    elif rollback:
+        undone = storage.rollback(url)
+        display.note(f"rolled back {undone}" if undone else "no migration to roll back")
+    else:
+        applied = storage.migrate(url)
+        if applied:
+            display.note(f"applied {len(applied)} migrations: {', '.join(applied)}", "green")
+        else:
+            display.note("the database is up to date")
 
 
 @app.command()

@@ -249,6 +249,8 @@ class TextLog:
             f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late; "
             f"{f.alerts} alerts from {f.filters} filters"
         )
+        if f.sinks:
+            summary += "; " + ", ".join(f"{k} {v:,}" for k, v in f.sinks.items())
         self._console.print(summary, soft_wrap=True)
 
 
@@ -436,6 +438,8 @@ class Dashboard:
             f"  bars {f.bars:,}  revised {f.revised}  late {f.too_late}"
             f"  filters {f.filters}  alerts {f.alerts:,}"
         )
+        if f.sinks:
+            text.append("  " + "  ".join(f"{k} {v:,}" for k, v in f.sinks.items()))
         if f.drift:
             text.append(f"\n drift vs trade-built bars: {f.drift}", style="dim")
         return text
@@ -496,4 +500,14 @@ def alert_table(alerts: list[Alert], title: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a.time / 1000))
         values = "  ".join(f"{k} {_cell(v)}" for k, v in a.values.items())
         table.add_row(stamp, a.symbol, values, a.message)
+    stdout_console.print(table)
+
+
+def migration_table(rows: list[tuple[str, bool]]) -> None:
+    """`migrate --list`: each migration and whether it is applied."""
+    table = Table(title="migrations", title_style="bold")
+    table.add_column("migration")
+    table.add_column("state")
+    for name, applied in rows:
+        table.add_row(name, Text("applied", "green") if applied else Text("pending", "yellow"))
     stdout_console.print(table)

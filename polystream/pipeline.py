@@ -82,6 +82,7 @@ class FeedState(msgspec.Struct):
     drift: str = ""
     filters: int = 0
     alerts: int = 0
+    sinks: dict[str, int] = msgspec.field(default_factory=dict)  # rows stored, messages sent…
 
 
 class Snapshot(msgspec.Struct):
@@ -109,6 +110,34 @@ class Output(Protocol):
     def refresh(self, snapshot: Snapshot) -> None: ...
 
     def close(self, snapshot: Snapshot) -> None: ...
+
+
+class RowSink(Protocol):
+    """Where rows are stored (the database writer): `offer` never blocks and never drops."""
+
+    fatal: PolystreamError | None
+
+    def start(self) -> object: ...
+
+    def offer(self, table: str, frame: pl.DataFrame) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+
+class AlertSink(Protocol):
+    """Where alerts routed to it go (the Telegram notifier): `offer` never blocks or drops."""
+
+    problems: list[str]
+
+    def start(self) -> object: ...
+
+    def offer(self, alerts: Sequence[Alert]) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+    def counters(self) -> dict[str, int]: ...
 
 
 class Source(Protocol):
@@ -167,6 +196,9 @@ class Pipeline:
         filters: FilterEngine | None = None,
         watcher: FilterWatcher | None = None,
         state_dir: Path | None = None,
+        store: RowSink | None = None,
+        notifier: AlertSink | None = None,
+        sink_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
         max_items: int = 2_000,
         refresh_every: float = 0.25,
@@ -211,6 +243,11 @@ class Pipeline:
         self._recent: deque[Alert] = deque(maxlen=50)
         self._state_dir = state_dir
         self._fired_dirty = False
+        self.store = store
+        self.notifier = notifier
+        self._sink_timeout = sink_timeout
+        self._gaps_stored = 0
+        self._problems_shown = 0
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -233,6 +270,10 @@ class Pipeline:
         if self.filters is not None:
             feed.filters = len(self.filters.filters)
             feed.alerts = sum(self.filters.fired.values())
+        feed.sinks = {
+            **(self.store.counters() if self.store is not None else {}),
+            **(self.notifier.counters() if self.notifier is not None else {}),
+        }
         return Snapshot(
             self._now_ms(),
             list(self.symbols.values()),
@@ -249,6 +290,9 @@ class Pipeline:
         # full passes from rescanning it over and over.
         gc.freeze()
         previous = self._catch_ctrl_c()
+        for sink in (self.store, self.notifier):
+            if sink is not None:
+                sink.start()
         self.source.start()
         self._report_waiting()
         next_refresh = next_poll = time.monotonic()
@@ -299,9 +343,15 @@ class Pipeline:
         self._flush()
         if self.live:
             self._bars(self.engine.partial())
+        self._store_gaps()
         if self.recorder is not None:
             self.recorder.close()
         self._save_fired()
+        # the sinks drain last, after everything the pipeline made has been offered to them
+        for sink in (self.store, self.notifier):
+            if sink is not None:
+                sink.stop(self._sink_timeout)
+        self._check_sinks()
         if self._shadow is not None:
             notice = Notice("drift", self._now_ms(), self.drift() or "no bars to compare")
             for out in self.outputs:
@@ -386,6 +436,13 @@ class Pipeline:
         if self.filters is not None:
             self._alerts(self.filters.on_trades(trades))
             self._alerts(self.filters.on_quotes(quotes))
+        if self.store is not None:
+            if trades.height:
+                self.store.offer("trades", trades)
+            if quotes.height:
+                self.store.offer("quotes", quotes)
+            if batch.books:
+                self.store.offer("books", _book_rows(batch.books, self.symbols))
 
     def _track(self, trades: pl.DataFrame, quotes: pl.DataFrame, batch: Batch) -> None:
         """Dashboard state from a batch: the last trade and quote per symbol, event counts."""
@@ -438,6 +495,8 @@ class Pipeline:
             self.feed.drift = self.drift()
         for out in self.outputs:
             out.bars(records)
+        if self.store is not None and records.height:
+            self.store.offer("bars", records)
         if self.filters is not None:
             self._alerts(self.filters.on_bars(records))
         primary = records.filter(pl.col("end") - pl.col("start") == self._primary)
@@ -459,6 +518,44 @@ class Pipeline:
         self._fired_dirty = True
         for out in self.outputs:
             out.alerts(alerts)
+        if self.store is not None:
+            self.store.offer("alerts", _alert_rows(alerts))
+        if self.notifier is not None:
+            routed = [a for a in alerts if "telegram" in a.notify]
+            if routed:
+                self.notifier.offer(routed)
+
+    def _store_gaps(self) -> None:
+        gaps = self.source.gaps
+        if self.store is None or len(gaps) <= self._gaps_stored:
+            return
+        new = gaps[self._gaps_stored :]
+        self._gaps_stored = len(gaps)
+        self.store.offer(
+            "gaps",
+            pl.DataFrame(
+                {
+                    "symbol": [g.symbol for g in new],
+                    "start": [g.start for g in new],
+                    "end": [g.end for g in new],
+                },
+                schema={"symbol": pl.String, "start": pl.Int64, "end": pl.Int64},
+            ),
+        )
+
+    def _check_sinks(self) -> None:
+        """A sink's fatal error ends the run as one sentence; a notifier's problems (a chat
+        that blocked the bot) are shown once each and the run goes on."""
+        if self.store is not None and self.store.fatal is not None and self._error is None:
+            self._error = self.store.fatal
+            self._ended = True
+        if self.notifier is not None:
+            problems = self.notifier.problems
+            for text in problems[self._problems_shown :]:
+                notice = Notice("error", self._now_ms(), text)
+                for out in self.outputs:
+                    out.status(notice)
+            self._problems_shown = len(problems)
 
     def _poll_filters(self) -> None:
         """Pick up added, changed and removed filter files; a broken edit keeps the previous
@@ -555,9 +652,58 @@ class Pipeline:
                 self._counted[name] = state.events
             self._counted_at = now
             self._save_fired()
+            self._store_gaps()
+            self._check_sinks()
         snap = self.snapshot()
         for out in self.outputs:
             out.refresh(snap)
+
+
+def _book_rows(books: list[tuple[str, Book]], watched: dict[str, SymbolState]) -> pl.DataFrame:
+    """Book snapshots of watched symbols as rows for storage, levels as JSON text."""
+    encode = msgspec.json.encode
+    kept = [(sym, b) for sym, b in books if sym in watched]
+    return pl.DataFrame(
+        {
+            "symbol": [sym for sym, _ in kept],
+            "time": [b.time for _, b in kept],
+            "exchange": [b.exchange for _, b in kept],
+            "bids": [encode(b.bids).decode() for _, b in kept],
+            "asks": [encode(b.asks).decode() for _, b in kept],
+        },
+        schema={
+            "symbol": pl.String,
+            "time": pl.Int64,
+            "exchange": pl.Int16,
+            "bids": pl.String,
+            "asks": pl.String,
+        },
+    )
+
+
+def _alert_rows(alerts: list[Alert]) -> pl.DataFrame:
+    """Alerts as rows for storage, their values as JSON text."""
+    encode = msgspec.json.encode
+    return pl.DataFrame(
+        {
+            "filter": [a.filter for a in alerts],
+            "symbol": [a.symbol for a in alerts],
+            "timeframe": [a.timeframe for a in alerts],
+            "time": [a.time for a in alerts],
+            "severity": [a.severity for a in alerts],
+            "message": [a.message for a in alerts],
+            "values": [encode(a.values).decode() for a in alerts],
+        },
+        schema={
+            "filter": pl.String,
+            "symbol": pl.String,
+            "timeframe": pl.String,
+            "time": pl.Int64,
+            "severity": pl.String,
+            "message": pl.String,
+            "values": pl.String,
+        },
+    )
 
 
 # -- trying filters on a recording -------------------------------------------------------------

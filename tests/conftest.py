@@ -1,13 +1,17 @@
-"""Shared fixtures: a loopback demo feed, and helpers to read a feed client's queue."""
+"""Shared fixtures: a loopback demo feed, helpers to read a feed client's queue, and a real
+PostgreSQL cluster started once per session with a fresh database per test."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from postgres import Cluster, PostgresNotFound
 
 from polystream.simulator import DemoFeed
 from polystream.source import EndOfStream, FeedClient, FeedOptions, Frame, Item
@@ -78,3 +82,35 @@ def collect(
             break
     seen = [getattr(i, "event", type(i).__name__) for i in items if not isinstance(i, Frame)]
     raise AssertionError(f"condition not met after {timeout} s; saw {seen}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster for the whole session (skipped when PostgreSQL is not
+    installed, except under CI, where its absence fails the run)."""
+    try:
+        cluster = Cluster()
+    except PostgresNotFound as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required under CI=true: {exc}")
+        pytest.skip(f"PostgreSQL is not installed: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def database_url(postgres: Cluster) -> Iterator[str]:
+    """The URL of a new, empty database (no migrations applied)."""
+    if not postgres.running:  # an outage test that failed half-way
+        postgres.start()
+    name = f"test_{os.getpid()}_{next(_databases)}"
+    url = postgres.create_database(name)
+    yield url
+    if postgres.running:
+        with contextlib.suppress(Exception):
+            postgres.drop_database(name)

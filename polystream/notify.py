@@ -1,0 +1,617 @@
+"""Alerts → Telegram: `offer` (pipeline thread) stores one outbox row per (chat, alert); the
+worker thread `polystream-telegram` sends them, deleting a row only once Telegram accepted it.
+
+The outbox is a SQLite file in the state directory, so what is undelivered at `stop` goes out
+with the next run, once per chat. Sending keeps within Telegram's rate limits; a backlog for one
+chat is coalesced into a digest; texts over 4096 characters are split at line boundaries.
+Refusals (bad token, blocked bot, unknown chat) are reported once each in `problems`. The bot
+token never appears in a log line, an error or a repr.
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+import requests
+
+from .config import DEFAULT_TELEGRAM_API_URL, RedactingFilter, Redactor
+from .errors import PolystreamError
+from .filters.engine import Alert
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT = 4096
+OUTBOX_FILE = "telegram-outbox.sqlite3"
+# One digest covers at most this many alerts, so that a huge backlog still moves in steps whose
+# progress is saved, rather than as one message split into dozens of parts.
+DIGEST_MAX = 100
+# urllib3 logs request lines (which carry the token in the path) at DEBUG from these loggers.
+_URLLIB3_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry")
+_SCHEMA_VERSION = 1
+_ATOM = re.compile(r"<[^<>]*>|&(?:#\d+|#[xX][0-9a-fA-F]+|\w+);|.", re.S)
+_LINE = re.compile(r"[^\n]*\n|[^\n]+")
+
+
+class NotifyError(PolystreamError):
+    """The Telegram notifier cannot be set up or cannot keep its outbox."""
+
+
+class NotifyStats(msgspec.Struct):
+    """Counters of one notifier: `sent` messages Telegram accepted (each part of a split text
+    counts), `retried` requests repeated after a 429, 5xx or network error, `pending` (chat,
+    alert) rows in the outbox, `failed` (chat, alert) pairs given up on after a refusal, and
+    `digests` digest messages completed."""
+
+    sent: int = 0
+    retried: int = 0
+    pending: int = 0
+    failed: int = 0
+    digests: int = 0
+
+
+def escape(text: str) -> str:
+    """User text made safe for Telegram's HTML parse mode."""
+    return html.escape(text, quote=False)
+
+
+def _where(alert: Alert) -> str:
+    where = f"{escape(alert.filter)} · {escape(alert.symbol)}"
+    return f"{where} {escape(alert.timeframe)}" if alert.timeframe else where
+
+
+def format_alert(alert: Alert) -> str:
+    """The HTML text of one alert: a bold severity, where it fired, then the message."""
+    return f"<b>{escape(alert.severity.upper())}</b> {_where(alert)}\n{escape(alert.message)}"
+
+
+def format_digest(alerts: Sequence[Alert]) -> str:
+    """The HTML text of several alerts in one message: a count, then one line per alert."""
+    lines = [f"<b>{len(alerts)} alerts</b>"]
+    for a in alerts:
+        message = " ".join(escape(a.message).splitlines())
+        lines.append(f"<b>{escape(a.severity.upper())}</b> {_where(a)}: {message}")
+    return "\n".join(lines)
+
+
+def _units(text: str) -> int:
+    """Length as Telegram counts it (UTF-16 code units), never less than `len(text)`."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def split_message(text: str, limit: int = MAX_TEXT) -> list[str]:
+    """Cut `text` into parts of at most `limit` characters whose concatenation is `text`.
+
+    Parts end at line ends where possible; a longer line is cut after a space (else anywhere),
+    never inside an HTML tag or entity, and between an opening and its closing tag only when
+    no other place is left.
+    """
+    if _units(text) <= limit:
+        return [text]
+    parts: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in _LINE.findall(text):
+        n = _units(line)
+        if size + n <= limit:
+            current.append(line)
+            size += n
+            continue
+        if current:
+            parts.append("".join(current))
+        current, size = [], 0
+        pieces = [line] if n <= limit else _split_line(line, limit)
+        parts.extend(pieces[:-1])
+        current, size = [pieces[-1]], _units(pieces[-1])
+    if current:
+        parts.append("".join(current))
+    return parts
+
+
+def _split_line(line: str, limit: int) -> list[str]:
+    atoms = _ATOM.findall(line)
+    depths: list[int] = []  # tag nesting after each atom
+    depth = 0
+    for atom in atoms:
+        if atom.startswith("</"):
+            depth -= 1
+        elif atom.startswith("<") and len(atom) > 1 and not atom.endswith("/>"):
+            depth += 1
+        depths.append(depth)
+    pieces: list[str] = []
+    start = size = 0
+    for i, atom in enumerate(atoms):
+        n = _units(atom)
+        while size + n > limit and i > start:
+            cut = _cut(atoms, depths, start, i)
+            pieces.append("".join(atoms[start:cut]))
+            size = sum(_units(a) for a in atoms[cut:i])
+            start = cut
+        size += n
+    pieces.append("".join(atoms[start:]))
+    return pieces
+
+
+def _cut(atoms: list[str], depths: list[int], start: int, end: int) -> int:
+    """Where to end the piece `atoms[start:end]`: after a space in its second half if there is
+    one, else after the last atom outside any tag pair, else at `end`."""
+    outside: int | None = None
+    for c in range(end, start, -1):
+        if depths[c - 1] > 0:
+            continue
+        if atoms[c - 1].isspace() and c - start > (end - start) // 2:
+            return c
+        if outside is None:
+            outside = c
+    return end if outside is None else outside
+
+
+@dataclass
+class _Job:
+    """The message being sent to one chat: the outbox rows it stands for and its parts."""
+
+    chat: str
+    ids: list[int]
+    parts: list[str]
+    sent: int
+    digest: bool
+
+
+class TelegramNotifier:
+    """Sends alerts to every chat in `chat_ids` through the Bot API at `api_url`.
+
+    `offer` never blocks on the network and never drops: each alert is first stored in the
+    outbox in `state_dir`. `stop` delivers what is pending until the outbox is empty or the
+    timeout passes; what is left is delivered by the next notifier on the same `state_dir`.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        chat_ids: Iterable[str],
+        state_dir: Path | str,
+        *,
+        api_url: str = DEFAULT_TELEGRAM_API_URL,
+        per_chat_interval: float = 1.0,
+        group_interval: float = 3.0,
+        global_per_second: int = 30,
+        digest_after: int = 5,
+        timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        if not token:
+            raise NotifyError("No Telegram bot token is set: set TELEGRAM_BOT_TOKEN.")
+        if isinstance(chat_ids, str):
+            chat_ids = chat_ids.split(",")
+        self.chat_ids = tuple(dict.fromkeys(c.strip() for c in chat_ids if c.strip()))
+        if not self.chat_ids:
+            raise NotifyError("No Telegram chat to send alerts to: set TELEGRAM_CHAT_ID.")
+        self.api_url = api_url.rstrip("/")
+        self.per_chat_interval = per_chat_interval
+        self.group_interval = group_interval
+        self.global_per_second = max(1, global_per_second)
+        self.digest_after = digest_after
+        self.timeout = timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.problems: list[str] = []
+
+        self._url = f"{self.api_url}/bot{token}/sendMessage"
+        self._redact = Redactor([token, quote(token, safe="")])
+        self._log_filter = RedactingFilter(self._redact)
+        self._stats = NotifyStats()
+        self._reported: set[tuple[str, str]] = set()
+        self._dead: set[str] = set()  # chats that refused the bot: nothing more goes to them
+        self._halted = False  # the token was refused: nothing more goes anywhere
+        self._jobs: dict[str, _Job] = {}
+        self._chat_next: dict[str, float] = {}
+        self._window: collections.deque[float] = collections.deque()
+        self._hold_until = 0.0
+        self._backoff = backoff_initial
+        self._failing = False
+
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._abort = False
+        self._deadline = float("inf")
+        self._thread: threading.Thread | None = None
+        self._session = requests.Session()
+        self._closed = False
+
+        self.path = Path(state_dir) / OUTBOX_FILE
+        self._db = self._open(self.path)
+        self._stats.pending = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def __repr__(self) -> str:
+        return self._redact(
+            f"TelegramNotifier(chats={list(self.chat_ids)!r}, api_url={self.api_url!r}, "
+            f"outbox={str(self.path)!r}, pending={self._stats.pending})"
+        )
+
+    # -- the outbox ----------------------------------------------------------------------------
+
+    def _open(self, path: Path) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # The worker and the pipeline thread share it, always under `_lock`.
+            db = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an offered alert must survive a power cut, not only a crash of the process.
+            db.execute("PRAGMA synchronous=FULL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise NotifyError(
+                    f"The Telegram outbox {path} was written by a newer polystream: "
+                    "upgrade polystream or move the file away."
+                )
+            db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS outbox (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    chat TEXT NOT NULL,
+                    alert BLOB NOT NULL,
+                    digest INTEGER,
+                    parts_sent INTEGER NOT NULL DEFAULT 0
+                );
+                CREATE INDEX IF NOT EXISTS outbox_chat ON outbox (chat, id);
+                """
+            )
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        except (OSError, sqlite3.Error) as exc:
+            raise NotifyError(
+                f"Cannot open the Telegram outbox {path} ({exc}): "
+                "check that POLYSTREAM_STATE_DIR is a writable directory."
+            ) from None
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- the interface -------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> NotifyStats:
+        """A snapshot of the counters."""
+        return msgspec.structs.replace(self._stats)
+
+    def counters(self) -> dict[str, int]:
+        """The counters shown beside the pipeline's own."""
+        s = self._stats
+        shown = {"telegram sent": s.sent, "retried": s.retried, "pending": s.pending}
+        if s.failed:
+            shown["telegram failed"] = s.failed
+        return shown
+
+    def start(self) -> TelegramNotifier:
+        if self._thread is None:
+            for name in _URLLIB3_LOGGERS:
+                logging.getLogger(name).addFilter(self._log_filter)
+            self._thread = threading.Thread(
+                target=self._run, name="polystream-telegram", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def offer(self, alerts: Sequence[Alert]) -> None:
+        """Store `alerts` for every chat (durably, before returning) and wake the worker."""
+        if not alerts:
+            return
+        encoded = [msgspec.json.encode(a) for a in alerts]
+        with self._lock:
+            if self._closed:
+                raise NotifyError(
+                    "Alerts were offered to the Telegram notifier after it stopped; "
+                    "they are not stored."
+                )
+            live = [c for c in self.chat_ids if c not in self._dead]
+            rows = [(chat, data) for chat in live for data in encoded]
+            try:
+                with self._transaction() as db:
+                    db.executemany("INSERT INTO outbox (chat, alert) VALUES (?, ?)", rows)
+            except sqlite3.Error as exc:
+                raise NotifyError(
+                    f"Cannot store alerts in the Telegram outbox {self.path} ({exc}): "
+                    "check the free space and permissions of POLYSTREAM_STATE_DIR."
+                ) from None
+            self._stats.pending += len(rows)
+            # A chat that refused the bot was reported once; its alerts count as failed.
+            self._stats.failed += len(encoded) * (len(self.chat_ids) - len(live))
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Deliver what is pending for up to `timeout` seconds, then stop the worker; whatever is
+        undelivered stays in the outbox."""
+        thread = self._thread
+        if thread is not None:
+            self._deadline = time.monotonic() + max(0.0, timeout)
+            self._stopping = True
+            self._wake.set()
+            thread.join(max(0.0, timeout))
+            if thread.is_alive():
+                self._abort = True
+                self._wake.set()
+                # A request in flight was given at most the time left, so this wait is short.
+                thread.join(1.0)
+            if thread.is_alive():
+                # Its request may still be logged by urllib3: the token filter stays on.
+                log.warning("The Telegram notifier did not stop in time; its outbox stays open.")
+                return
+            for name in _URLLIB3_LOGGERS:
+                logging.getLogger(name).removeFilter(self._log_filter)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._session.close()
+                self._db.close()
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._done():
+                delay = self._step()
+                if self._stopping:
+                    left = self._deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    delay = left if delay is None else min(delay, left)
+                if delay is None or delay > 0:
+                    self._wake.wait(delay)
+                    self._wake.clear()
+        except Exception as exc:
+            self._problem(
+                ("worker", ""),
+                f"The Telegram notifier stopped after an unexpected error "
+                f"({type(exc).__name__}: {exc}); undelivered alerts stay in the outbox.",
+            )
+
+    def _done(self) -> bool:
+        if self._abort:
+            return True
+        return self._stopping and (self._halted or self._stats.pending == 0)
+
+    def _step(self) -> float | None:
+        """Send the next part that is due; return how long to wait before trying again
+        (`None`: until woken)."""
+        if self._halted:
+            return None
+        with self._lock:
+            heads = dict(
+                self._db.execute("SELECT chat, MIN(id) FROM outbox GROUP BY chat").fetchall()
+            )
+        for chat in self._dead.intersection(heads):
+            self._drop(chat)
+            del heads[chat]
+        if not heads:
+            return None
+        now = time.monotonic()
+        while self._window and self._window[0] <= now - 1.0:
+            self._window.popleft()
+        ready = self._hold_until
+        if len(self._window) >= self.global_per_second:
+            ready = max(ready, self._window[0] + 1.0)
+        chat = min(heads, key=lambda c: (max(self._chat_next.get(c, 0.0), ready), heads[c]))
+        due = max(self._chat_next.get(chat, 0.0), ready)
+        if due > now:
+            return due - now
+        self._send(self._job(chat))
+        return 0.0
+
+    def _job(self, chat: str) -> _Job:
+        job = self._jobs.get(chat)
+        if job is not None:
+            return job
+        with self._lock:
+            head = self._db.execute(
+                "SELECT id, digest, parts_sent FROM outbox WHERE chat = ? ORDER BY id LIMIT 1",
+                (chat,),
+            ).fetchone()
+            if head[1] is not None:
+                rows = self._db.execute(
+                    "SELECT id, alert FROM outbox WHERE chat = ? AND digest = ? ORDER BY id",
+                    (chat, head[1]),
+                ).fetchall()
+            elif head[2] > 0:
+                rows = self._db.execute(
+                    "SELECT id, alert FROM outbox WHERE id = ?", (head[0],)
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT id, alert FROM outbox WHERE chat = ? ORDER BY id LIMIT ?",
+                    (chat, DIGEST_MAX),
+                ).fetchall()
+                if len(rows) > self.digest_after:
+                    # The digest's members are fixed now, so that after a restart the same
+                    # text is rebuilt and only its unsent parts go out.
+                    with self._transaction() as db:
+                        db.executemany(
+                            "UPDATE outbox SET digest = ? WHERE id = ?",
+                            [(rows[0][0], r[0]) for r in rows],
+                        )
+                else:
+                    rows = rows[:1]
+        alerts = [msgspec.json.decode(r[1], type=Alert) for r in rows]
+        digest = len(rows) > 1 or head[1] is not None
+        text = format_digest(alerts) if digest else format_alert(alerts[0])
+        parts = [p for p in split_message(text) if p.strip()]
+        # Clamped in case an older version split the same text into more parts.
+        job = _Job(chat, [r[0] for r in rows], parts, min(head[2], len(parts) - 1), digest)
+        self._jobs[chat] = job
+        return job
+
+    def _interval(self, chat: str) -> float:
+        if chat.startswith("-"):
+            return max(self.per_chat_interval, self.group_interval)
+        return self.per_chat_interval
+
+    def _send(self, job: _Job) -> None:
+        chat = job.chat
+        timeout = self.timeout
+        if self._stopping:
+            # A request must not outlive stop()'s deadline by much.
+            timeout = min(timeout, max(0.2, self._deadline - time.monotonic()))
+        payload = {
+            "chat_id": chat,
+            "text": job.parts[job.sent],
+            "parse_mode": "HTML",
+            "disable_web_page_preview": True,
+        }
+        try:
+            response = self._session.post(self._url, json=payload, timeout=timeout)
+        except requests.RequestException as exc:
+            self._window.append(time.monotonic())
+            self._transient(f"could not reach Telegram ({type(exc).__name__}: {exc})")
+            return
+        done = time.monotonic()
+        self._window.append(done)
+        status = response.status_code
+        body = _json(response)
+        code = body.get("error_code", status) if body.get("ok") is not True else status
+        code = code if isinstance(code, int) else status
+        description = str(body.get("description") or response.reason or f"HTTP {status}")
+        description = description.rstrip(". ")
+        parameters = body.get("parameters")
+        parameters = parameters if isinstance(parameters, dict) else {}
+
+        if status == 200 and body.get("ok") is True:
+            self._delivered(job, done)
+        elif code == 429:
+            self._stats.retried += 1
+            wait = _seconds(parameters.get("retry_after"), response.headers.get("Retry-After"))
+            self._chat_next[chat] = done + wait
+            log.info("Telegram asked to slow down for chat %s: retrying in %g s.", chat, wait)
+        elif code in (401, 404):
+            self._halted = True
+            what = (
+                "Telegram refused the bot token"
+                if code == 401
+                else "Telegram does not know this bot (404 Not Found)"
+            )
+            hint = (
+                "TELEGRAM_BOT_TOKEN" if code == 401 else "TELEGRAM_BOT_TOKEN and TELEGRAM_API_URL"
+            )
+            self._problem(
+                ("token", ""),
+                f"{what}, so no alerts are sent: check {hint} "
+                f"(undelivered alerts are kept for the next run).",
+            )
+        elif code == 403:
+            self._refused(
+                chat,
+                f"The Telegram bot was blocked or removed from chat {chat} ({description}), "
+                f"so its alerts are dropped: add the bot to the chat again or remove {chat} "
+                "from TELEGRAM_CHAT_ID.",
+            )
+        elif 400 <= code < 500:
+            migrated = parameters.get("migrate_to_chat_id")
+            if migrated is not None:
+                sentence = (
+                    f"Telegram chat {chat} became a supergroup with id {migrated}, so its "
+                    f"alerts are dropped: use {migrated} in TELEGRAM_CHAT_ID."
+                )
+            else:
+                sentence = (
+                    f"Telegram refused the message for chat {chat}: {description}; its pending "
+                    "alerts are dropped (check TELEGRAM_CHAT_ID)."
+                )
+            self._refused(chat, sentence)
+        else:
+            self._transient(f"Telegram answered HTTP {status} ({description})")
+
+    def _delivered(self, job: _Job, done: float) -> None:
+        job.sent += 1
+        with self._lock:
+            with self._transaction() as db:
+                if job.sent < len(job.parts):
+                    db.executemany(
+                        "UPDATE outbox SET parts_sent = ? WHERE id = ?",
+                        [(job.sent, i) for i in job.ids],
+                    )
+                else:
+                    db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in job.ids])
+            self._stats.sent += 1
+            if job.sent >= len(job.parts):
+                self._stats.pending -= len(job.ids)
+                self._stats.digests += job.digest
+                del self._jobs[job.chat]
+        self._chat_next[job.chat] = done + self._interval(job.chat)
+        self._backoff = self.backoff_initial
+        self._hold_until = 0.0
+        if self._failing:
+            self._failing = False
+            log.info("Telegram is reachable again.")
+
+    def _transient(self, what: str) -> None:
+        """A server error or a network failure: retry everything later, backing off."""
+        self._stats.retried += 1
+        self._hold_until = time.monotonic() + self._backoff
+        level = logging.DEBUG if self._failing else logging.WARNING
+        log.log(level, "%s", self._redact(f"{what}; retrying in {self._backoff:g} s."))
+        self._failing = True
+        self._backoff = min(self._backoff * 2, self.backoff_max)
+
+    def _refused(self, chat: str, sentence: str) -> None:
+        self._dead.add(chat)
+        self._problem(("chat", chat), sentence)
+        self._drop(chat)
+
+    def _drop(self, chat: str) -> None:
+        self._jobs.pop(chat, None)
+        with self._lock:
+            with self._transaction() as db:
+                dropped = db.execute("DELETE FROM outbox WHERE chat = ?", (chat,)).rowcount
+            self._stats.pending -= dropped
+            self._stats.failed += dropped
+
+    def _problem(self, key: tuple[str, str], sentence: str) -> None:
+        """Report a refusal once: in `problems` and in the log."""
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        sentence = self._redact(sentence)
+        self.problems.append(sentence)
+        log.error("%s", sentence)
+
+
+def _json(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _seconds(*candidates: object) -> float:
+    """The first usable number of seconds among `candidates` (Telegram's `retry_after`, then the
+    Retry-After header), else one second."""
+    for value in candidates:
+        if not isinstance(value, int | float | str):
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return seconds
+    return 1.0

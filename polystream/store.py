@@ -1,0 +1,973 @@
+"""Storage in PostgreSQL/TimescaleDB. `Store` runs its own `polystream-store` thread: `offer` never
+blocks, rows go in with COPY and idempotent upserts, or to an on-disk journal while the database is
+away. `migrate`, `rollback`, `migration_status`, `require_migrated`: yoyo, on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+import polars as pl
+import psycopg
+import psycopg.errors
+import yoyo
+import yoyo.exceptions
+
+from .errors import ConfigError, PolystreamError
+
+TABLES = ("trades", "quotes", "bars", "books", "alerts", "gaps")
+MIGRATE_COMMAND = "polystream migrate"
+THREAD_NAME = "polystream-store"
+CONNECT_TIMEOUT = 5  # seconds; libpq's minimum is 2
+
+_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+# Connection failures that waiting does not fix: the server answered and said no.
+_FATAL_REASONS = (
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "permission denied",
+)
+
+
+class StoreError(PolystreamError):
+    """The database cannot be used as configured, or the store cannot keep its journal."""
+
+
+# --- URLs and error sentences -------------------------------------------------------------------
+
+
+def _safe_url(url: str) -> str:
+    """`url` with any password replaced by `…`; unlike `config.display_url`, it never parses the
+    port, so it works on the malformed URLs it is needed for."""
+    parts = urlsplit(url)
+    user, at, hostport = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        user = user.split(":", 1)[0] + ":…"
+    return parts._replace(netloc=f"{user}{at}{hostport}").geturl()
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES:
+        raise StoreError(
+            f"DATABASE_URL {_safe_url(url)!r} is not a PostgreSQL URL: "
+            "write it as postgresql://user:password@host:port/database."
+        )
+    try:
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        raise StoreError(
+            f"DATABASE_URL {_safe_url(url)!r} has an invalid port: "
+            "write it as postgresql://user:password@host:port/database."
+        ) from None
+
+
+def where(url: str) -> str:
+    """`host:port/database` of a URL, which is how errors name a database (never the password)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        port = 5432
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    database = unquote(parts.path.lstrip("/")) or unquote(parts.username or "")
+    return f"{host}:{port}/{database}"
+
+
+def _driver_url(url: str) -> str:
+    _check_url(url)
+    return re.sub(r"^[^:]+:", "postgresql:", url, count=1)
+
+
+def _yoyo_url(url: str) -> str:
+    _check_url(url)
+    return re.sub(r"^[^:]+:", "postgresql+psycopg:", url, count=1)
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """The gist of a driver error, lower-cased, without the password or the libpq boilerplate."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if "failed: " in line:
+        line = line.rsplit("failed: ", 1)[1]
+    line = " ".join(re.sub(r"^(FATAL|ERROR):\s*", "", line.strip()).split()).rstrip(".")
+    if "resolve host" in line or "translate host name" in line:
+        line = "the host name does not resolve"
+    password = urlsplit(url).password
+    if password:
+        line = line.replace(password, "…").replace(unquote(password), "…")
+    if len(line) > 1 and line[0].isupper() and not line[1].isupper():
+        line = line[0].lower() + line[1:]
+    return line or type(exc).__name__
+
+
+def _is_fatal(reason: str) -> bool:
+    return any(r in reason for r in _FATAL_REASONS)
+
+
+def connect_error(url: str, exc: BaseException) -> StoreError:
+    """One sentence naming host, port and database (never the password) and what went wrong."""
+    reason = _reason(exc, url)
+    hint = ""
+    if "authentication failed" in reason or "role" in reason or "pg_hba" in reason:
+        hint = "; check the user and password in DATABASE_URL"
+    elif "database" in reason and "does not exist" in reason:
+        hint = "; create it or correct DATABASE_URL"
+    return StoreError(f"Cannot connect to PostgreSQL at {where(url)}: {reason}{hint}.")
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+def migration_ids() -> list[str]:
+    """Ids of the migrations shipped with polystream, in the order they apply."""
+    ids = []
+    for entry in resources.files("polystream.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and not name.endswith(".rollback.sql"):
+            ids.append(name[: -len(".sql")])
+        elif name.endswith(".py") and not name.startswith("__"):
+            ids.append(name[: -len(".py")])
+    return sorted(ids)
+
+
+def _migrations() -> Any:
+    with resources.as_file(resources.files("polystream.migrations")) as path:
+        found = yoyo.read_migrations(str(path))
+    # The package's __init__.py would otherwise count as a migration.
+    return found.__class__([m for m in found if not m.id.startswith("__")], found.post_apply)
+
+
+@contextlib.contextmanager
+def _backend(url: str) -> Iterator[Any]:
+    try:
+        backend = yoyo.get_backend(_yoyo_url(url))
+    except psycopg.Error as exc:
+        raise connect_error(url, exc) from None
+    try:
+        yield backend
+    except yoyo.exceptions.LockTimeout:
+        raise StoreError(
+            f"Another `{MIGRATE_COMMAND}` holds the migration lock on {where(url)}: "
+            "wait for it to finish, or remove the row in its yoyo_lock table if it died."
+        ) from None
+    except psycopg.OperationalError as exc:
+        raise connect_error(url, exc) from None
+    finally:
+        with contextlib.suppress(Exception):
+            backend.connection.close()
+
+
+def _failed(url: str, migration: str, action: str, exc: psycopg.Error) -> StoreError:
+    return StoreError(
+        f"Migration {migration} could not be {action} on {where(url)}: {_reason(exc, url)}."
+    )
+
+
+def migrate(url: str) -> list[str]:
+    """Apply every pending migration; return their ids (empty when the schema is current)."""
+    with _backend(url) as backend:
+        with backend.lock():
+            pending = backend.to_apply(_migrations())
+            for m in pending:
+                try:
+                    backend.apply_one(m)
+                except psycopg.Error as exc:
+                    raise _failed(url, m.id, "applied", exc) from None
+        return [m.id for m in pending]
+
+
+def rollback(url: str) -> str | None:
+    """Undo the last applied migration; return its id, or None when none is applied."""
+    with _backend(url) as backend:
+        with backend.lock():
+            applied = backend.to_rollback(_migrations())
+            if not applied:
+                return None
+            last = applied[0]
+            try:
+                backend.rollback_one(last)
+            except psycopg.Error as exc:
+                raise _failed(url, last.id, "rolled back", exc) from None
+        return str(last.id)
+
+
+def migration_status(url: str) -> list[tuple[str, bool]]:
+    """Every shipped migration's id, and whether it is applied, in order."""
+    with _backend(url) as backend:
+        applied = backend.get_applied_migration_hashes()
+        return [(str(m.id), m.hash in applied) for m in _migrations()]
+
+
+def _not_migrated(url: str, pending: Sequence[str]) -> ConfigError:
+    shown = ", ".join(pending[:3]) + (", …" if len(pending) > 3 else "")
+    count = f"{len(pending)} migration{'s' if len(pending) != 1 else ''}"
+    return ConfigError(
+        f"The database at {where(url)} lacks {count} ({shown}): run `{MIGRATE_COMMAND}`."
+    )
+
+
+def require_migrated(url: str) -> None:
+    """Raise `ConfigError` naming `polystream migrate` when any migration is pending."""
+    pending = [m for m, applied in migration_status(url) if not applied]
+    if pending:
+        raise _not_migrated(url, pending)
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+_PG_TYPES: dict[type[pl.DataType], str] = {
+    pl.String: "text",
+    pl.Int64: "int8",
+    pl.Int16: "int2",
+    pl.Float64: "float8",
+}
+
+
+def _ts(column: str) -> str:
+    # Exact: whole microseconds (ms · 1000 stays below 2^53 until the year 2255) added to the
+    # epoch, with no float rounding and no time-zone arithmetic.
+    return f"timestamptz 'epoch' + \"{column}\" * interval '1 millisecond'"
+
+
+@dataclass(frozen=True)
+class _Table:
+    """How one kind of offered frame reaches its table: the staging columns (times as epoch
+    ms), the columns a frame must have, and the statement that moves staged rows over."""
+
+    name: str
+    target: str
+    columns: dict[str, type[pl.DataType]]
+    required: tuple[str, ...]
+    insert: str
+    json: tuple[str, ...] = ()
+
+    @property
+    def stage(self) -> str:
+        return f"stage_{self.name}"
+
+    def create_stage(self) -> str:
+        cols = ", ".join(f'"{c}" {_PG_TYPES[t]}' for c, t in self.columns.items())
+        return f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} ({cols}) ON COMMIT DELETE ROWS"
+
+    def copy(self) -> str:
+        cols = ", ".join(f'"{c}"' for c in self.columns)
+        return f"COPY {self.stage} ({cols}) FROM STDIN (FORMAT csv)"
+
+    @property
+    def plain(self) -> str | None:
+        """For DO NOTHING tables, the insert without its ON CONFLICT clause."""
+        if not self.insert.endswith(" DO NOTHING"):
+            return None
+        return self.insert[: self.insert.rindex(" ON CONFLICT")]
+
+
+def _upsert_set(table: str, columns: Sequence[str]) -> str:
+    assignments = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in columns)
+    old = ", ".join(f'{table}."{c}"' for c in columns)
+    new = ", ".join(f'EXCLUDED."{c}"' for c in columns)
+    # Rows that would not change are left alone: a replay writes nothing, not even dead tuples.
+    return f"DO UPDATE SET {assignments} WHERE ({old}) IS DISTINCT FROM ({new})"
+
+
+_BAR_VALUES = (
+    "end", "open", "high", "low", "close", "volume", "vwap", "trades", "buy_volume",
+    "sell_volume", "state", "rsi", "stoch_k", "stoch_d", "macd", "macd_signal", "macd_hist",
+    "ao", "cci", "bb_upper", "bb_middle", "bb_lower", "flow_imbalance",
+)  # fmt: skip
+_F = pl.Float64
+
+_SPECS: dict[str, _Table] = {
+    "trades": _Table(
+        "trades",
+        "trades",
+        {
+            "symbol": pl.String,
+            "time": pl.Int64,
+            "exchange": pl.Int16,
+            "trade_id": pl.String,
+            "price": _F,
+            "size": _F,
+            "side": pl.Int16,
+            "received": pl.Int64,
+        },
+        ("symbol", "time", "price", "size"),
+        # A trade without an id is keyed by its content, so that a replay still finds it.
+        'INSERT INTO trades (symbol, "time", exchange, trade_id, price, size, side, received) '
+        f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), "
+        "coalesce(nullif(trade_id, ''), "
+        "'~' || price || ':' || size || ':' || coalesce(side, 0)), "
+        f"price, size, coalesce(side, 0), {_ts('received')} FROM stage_trades "
+        'ON CONFLICT (symbol, exchange, trade_id, "time") DO NOTHING',
+    ),
+    "quotes": _Table(
+        "quotes",
+        "quotes",
+        {
+            "symbol": pl.String,
+            "time": pl.Int64,
+            "exchange": pl.Int16,
+            "bid": _F,
+            "bid_size": _F,
+            "ask": _F,
+            "ask_size": _F,
+            "received": pl.Int64,
+        },
+        ("symbol", "time", "bid", "bid_size", "ask", "ask_size"),
+        'INSERT INTO quotes (symbol, "time", exchange, bid, bid_size, ask, ask_size, received) '
+        f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), bid, bid_size, ask, ask_size, "
+        f"{_ts('received')} FROM stage_quotes "
+        'ON CONFLICT (symbol, "time", exchange, bid, bid_size, ask, ask_size) DO NOTHING',
+    ),
+    "bars": _Table(
+        "bars",
+        "bars",
+        {
+            "symbol": pl.String,
+            "timeframe": pl.String,
+            "start": pl.Int64,
+            **{
+                c: (pl.Int64 if c == "trades" else pl.String if c == "state" else _F)
+                for c in _BAR_VALUES
+                if c != "end"
+            },
+            "end": pl.Int64,
+        },
+        ("symbol", "timeframe", "start", "end", "state"),
+        "INSERT INTO bars (symbol, timeframe, start, "
+        + ", ".join(f'"{c}"' for c in _BAR_VALUES)
+        + f") SELECT symbol, timeframe, {_ts('start')}, "
+        + ", ".join(_ts(c) if c == "end" else f'"{c}"' for c in _BAR_VALUES)
+        + " FROM stage_bars ON CONFLICT (symbol, timeframe, start) "
+        + _upsert_set("bars", _BAR_VALUES),
+    ),
+    "books": _Table(
+        "books",
+        "book_snapshots",
+        {
+            "symbol": pl.String,
+            "time": pl.Int64,
+            "exchange": pl.Int16,
+            "bids": pl.String,
+            "asks": pl.String,
+        },
+        ("symbol", "time", "bids", "asks"),
+        'INSERT INTO book_snapshots (symbol, "time", exchange, bids, asks) '
+        f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), bids::jsonb, asks::jsonb "
+        'FROM stage_books ON CONFLICT (symbol, "time", exchange) DO NOTHING',
+        json=("bids", "asks"),
+    ),
+    "alerts": _Table(
+        "alerts",
+        "alerts",
+        {
+            "filter": pl.String,
+            "symbol": pl.String,
+            "timeframe": pl.String,
+            "time": pl.Int64,
+            "severity": pl.String,
+            "message": pl.String,
+            "values": pl.String,
+        },
+        ("filter", "symbol", "time", "severity", "message", "values"),
+        'INSERT INTO alerts (filter, symbol, timeframe, "time", severity, message, "values") '
+        f'SELECT filter, symbol, timeframe, {_ts("time")}, severity, message, "values"::jsonb '
+        'FROM stage_alerts ON CONFLICT (filter, symbol, "time") DO NOTHING',
+        json=("values",),
+    ),
+    "gaps": _Table(
+        "gaps",
+        "gaps",
+        {"symbol": pl.String, "start": pl.Int64, "end": pl.Int64},
+        ("symbol", "start", "end"),
+        'INSERT INTO gaps (symbol, start, "end") '
+        f"SELECT symbol, {_ts('start')}, {_ts('end')} FROM stage_gaps "
+        'ON CONFLICT (symbol, start) DO UPDATE SET "end" = EXCLUDED."end" '
+        'WHERE EXCLUDED."end" > gaps."end"',
+    ),
+}
+
+
+def _check_frame(table: str, frame: pl.DataFrame) -> None:
+    spec = _SPECS.get(table)
+    if spec is None:
+        raise ValueError(f"unknown table {table!r}: use one of {', '.join(TABLES)}")
+    missing = [c for c in spec.required if c not in frame.columns]
+    if missing:
+        raise ValueError(f"a frame for {table} lacks the column(s) {', '.join(missing)}")
+    for c in spec.json:
+        if frame.schema[c] != pl.String:
+            raise ValueError(f"column {c} of a frame for {table} must hold JSON text")
+    for c, target in spec.columns.items():
+        dtype = frame.schema.get(c)
+        if dtype is None or dtype == pl.Null:
+            continue
+        fits = dtype == pl.String if target == pl.String else dtype.is_numeric()
+        if not fits:
+            raise ValueError(f"column {c} of a frame for {table} has type {dtype}")
+
+
+def _normalise(table: str, frame: pl.DataFrame) -> pl.DataFrame:
+    """One offered frame as its table's staging columns (a no-op on a normalised frame)."""
+    spec = _SPECS[table]
+    if table == "bars":
+        # A run's indicator columns carry its periods (rsi_14, cci_20); the table has one of each.
+        renames = {}
+        for prefix in ("rsi", "cci"):
+            if prefix not in frame.columns:
+                found = next((c for c in frame.columns if c.startswith(prefix + "_")), None)
+                if found is not None:
+                    renames[found] = prefix
+        frame = frame.rename(renames).filter(pl.col("state") != "partial")
+    return frame.select(
+        pl.col(c).cast(t) if c in frame.columns else pl.lit(None, dtype=t).alias(c)
+        for c, t in spec.columns.items()
+    )
+
+
+def _combine(table: str, frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    parts = [_normalise(table, f) for f in frames]
+    return parts[0] if len(parts) == 1 else pl.concat(parts)
+
+
+def _prepare(table: str, frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    """The frames of one table, in offer order, as the rows to stage."""
+    out = _combine(table, frames)
+    if table == "bars":
+        # One upsert may not touch a row twice; the latest version of a bar is the one to keep.
+        out = out.unique(["symbol", "timeframe", "start"], keep="last", maintain_order=True)
+    elif table == "gaps":
+        out = out.group_by("symbol", "start", maintain_order=True).agg(pl.col("end").max())
+    return out
+
+
+# --- the journal --------------------------------------------------------------------------------
+
+
+class _File(NamedTuple):
+    seq: int
+    table: str
+    name: str
+
+
+_JOURNAL_NAME = re.compile(r"^(\d{16})-([a-z]+)\.arrow$")
+
+
+class Journal:
+    """Batches waiting for the database: one Arrow IPC file per table and run of consecutive
+    offers, named by the sequence number of the run's first offer, fsynced before it counts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for leftover in directory.glob(".*.tmp"):
+                # Never renamed into place: its batch was still in memory when the process died.
+                leftover.unlink()
+            files = {}
+            for path in directory.iterdir():
+                m = _JOURNAL_NAME.match(path.name)
+                if m and m.group(2) in _SPECS:
+                    files[_File(int(m.group(1)), m.group(2), path.name)] = path.stat().st_size
+        except OSError as exc:
+            raise self._error(exc) from None
+        self._files: dict[_File, int] = files
+        self._lock = threading.Lock()
+
+    def _error(self, exc: OSError) -> StoreError:
+        return StoreError(f"Cannot use the store journal in {self.dir}: {exc.strerror or exc}.")
+
+    @property
+    def next_seq(self) -> int:
+        with self._lock:
+            return max((f.seq for f in self._files), default=-1) + 1
+
+    def write(self, seq: int, table: str, frame: pl.DataFrame) -> None:
+        name = f"{seq:016d}-{table}.arrow"
+        path = self.dir / name
+        tmp = self.dir / f".{name}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                frame.write_ipc(f, compression="lz4")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            size = path.stat().st_size
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self._error(exc) from None
+        with self._lock:
+            self._files[_File(seq, table, name)] = size
+
+    def pending(self, below: int) -> list[_File]:
+        """Files of offers numbered below `below`, oldest first."""
+        with self._lock:
+            return sorted(f for f in self._files if f.seq < below)
+
+    def has_pending(self, below: int) -> bool:
+        with self._lock:
+            return any(f.seq < below for f in self._files)
+
+    def read(self, file: _File) -> pl.DataFrame | None:
+        """The file's rows; None when it cannot be parsed, after renaming it out of the way
+        (it would otherwise stop every later file from being replayed)."""
+        path = self.dir / file.name
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise self._error(exc) from None
+        try:
+            return pl.read_ipc(data)
+        except Exception:  # polars reports a damaged file as OSError or as its own errors
+            with contextlib.suppress(OSError):
+                path.rename(path.with_name(file.name + ".unreadable"))
+            with self._lock:
+                self._files.pop(file, None)
+            return None
+
+    def delete(self, file: _File) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / file.name).unlink()
+        with self._lock:
+            self._files.pop(file, None)
+
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._files), sum(self._files.values())
+
+
+# --- the writer ---------------------------------------------------------------------------------
+
+
+class StoreStats(msgspec.Struct):
+    """A snapshot of the writer: rows inserted or changed (rows a replay finds unchanged do not
+    count), what waits in the journal, and the connection. `last_error` is the latest problem
+    as a sentence without the password; it stays after the writer recovers (see `connected`)."""
+
+    rows_written: int = 0
+    rows_by_table: dict[str, int] = msgspec.field(default_factory=dict)
+    journal_files: int = 0
+    journal_bytes: int = 0
+    connected: bool = False
+    reconnects: int = 0
+    last_error: str | None = None
+
+
+class _Item(NamedTuple):
+    seq: int
+    table: str
+    frame: pl.DataFrame
+
+
+def _runs(items: Sequence[_Item]) -> Iterator[list[_Item]]:
+    """Items split where their sequence numbers jump (an offer in between went to the journal)."""
+    run: list[_Item] = []
+    for item in items:
+        if run and item.seq != run[-1].seq + 1:
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
+def _by_table(frames: Sequence[tuple[str, pl.DataFrame]]) -> dict[str, list[pl.DataFrame]]:
+    groups: dict[str, list[pl.DataFrame]] = {}
+    for table, frame in frames:
+        groups.setdefault(table, []).append(frame)
+    return groups
+
+
+class _Lost(Exception):
+    """The connection failed; the batch is still to be written."""
+
+
+class Store:
+    """The database writer: see the module docstring.
+
+    Order is kept per table (a revised bar always lands after its final version): every offer
+    gets a sequence number, and while the journal holds older offers, newer ones join it and
+    the journal is replayed oldest first.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        state_dir: Path,
+        *,
+        inbox_size: int = 64,
+        batch_rows: int = 100_000,
+        flush_every: float = 0.5,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._conninfo = _driver_url(url)
+        self._where = where(url)
+        self._batch_rows = batch_rows
+        self._flush_every = flush_every
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self.journal = Journal(Path(state_dir) / "journal")
+        self._inbox: queue.Queue[_Item] = queue.Queue(maxsize=inbox_size)
+        self._lock = threading.Lock()  # numbering and placing an offer happen as one step
+        self._next_seq = self.journal.next_seq
+        self._closed = False
+        self._stopping = threading.Event()
+        self._deadline = 0.0
+        self._margin = 0.0
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._ever_connected = False
+        self._delay = backoff_initial
+        self._next_attempt = 0.0
+        self._stats_lock = threading.Lock()
+        self._rows: dict[str, int] = dict.fromkeys(TABLES, 0)
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self.fatal: PolystreamError | None = None
+
+    # -- the caller's side -----------------------------------------------------------------------
+
+    def start(self) -> Store:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+            self._thread.start()
+        return self
+
+    def offer(self, table: str, frame: pl.DataFrame) -> None:
+        """Hand over rows for `table`; never blocks on the database (a full inbox, or a stopped
+        store, sends the frame to the journal on disk instead)."""
+        _check_frame(table, frame)
+        if frame.height == 0:
+            return
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            if not self._closed:
+                try:
+                    self._inbox.put_nowait(_Item(seq, table, frame))
+                    return
+                except queue.Full:
+                    pass
+            self.journal.write(seq, table, frame)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what the inbox holds to the database (or the journal, if the database cannot
+        be reached) within `timeout` seconds, then close."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._margin = min(1.0, timeout / 4)
+            self._deadline = time.monotonic() + timeout
+            self._stopping.set()
+            thread.join(timeout)
+        with self._lock:
+            self._closed = True
+            # Left only when the thread is gone or overran its time: keep it on disk.
+            self._journal_items(self._drain())
+
+    @property
+    def stats(self) -> StoreStats:
+        files, size = self.journal.totals()
+        with self._stats_lock:
+            rows = dict(self._rows)
+            return StoreStats(
+                rows_written=sum(rows.values()),
+                rows_by_table=rows,
+                journal_files=files,
+                journal_bytes=size,
+                connected=self._conn is not None,
+                reconnects=self._reconnects,
+                last_error=self._last_error,
+            )
+
+    def counters(self) -> dict[str, int]:
+        """The counters shown beside the pipeline's own."""
+        s = self.stats
+        shown = {"rows stored": s.rows_written}
+        if s.journal_files:
+            shown["journal files"] = s.journal_files
+        if s.reconnects:
+            shown["db reconnects"] = s.reconnects
+        return shown
+
+    # -- the worker thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                stopping = self._stopping.is_set()
+                if stopping and self._deadline - time.monotonic() <= self._margin:
+                    break
+                items, horizon = self._take(0.0 if stopping else self._wait())
+                if stopping and not items and not self._replaying(horizon):
+                    break
+                try:
+                    self._round(items, horizon)
+                except Exception as exc:  # a bug must not cost the rows: keep them on disk
+                    if isinstance(exc, PolystreamError):
+                        self._fail(exc)
+                    else:
+                        self._fail(StoreError(f"The store writer failed: {exc}."))
+                    # A run journaled again gets the same file name, so nothing is doubled.
+                    with contextlib.suppress(PolystreamError):
+                        self._journal_items(items)
+        finally:
+            with contextlib.suppress(PolystreamError):
+                self._journal_items(self._drain())
+            self._disconnect()
+
+    def _replaying(self, horizon: int) -> bool:
+        return self._conn is not None and self.journal.has_pending(horizon)
+
+    def _wait(self) -> float:
+        """How long to gather offers before the next round."""
+        if self.fatal is not None:
+            return self._flush_every
+        if self._conn is None:
+            return max(0.0, min(self._flush_every, self._next_attempt - time.monotonic()))
+        if self.journal.has_pending(self._next_seq):
+            return 0.0
+        return self._flush_every
+
+    def _take(self, wait: float) -> tuple[list[_Item], int]:
+        """Offers from the inbox, up to `batch_rows` rows gathered over at most `wait` seconds,
+        and the horizon: every offer numbered below it is in hand or in the journal."""
+        items: list[_Item] = []
+        rows = 0
+        deadline = time.monotonic() + wait
+        while rows < self._batch_rows:
+            left = deadline - time.monotonic()
+            try:
+                if left > 0:
+                    # Short waits, so that `stop` is noticed at once.
+                    item = self._inbox.get(timeout=min(left, 0.05))
+                else:
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                if left > 0 and not self._stopping.is_set():
+                    continue
+                break
+            items.append(item)
+            rows += item.frame.height
+        if items:
+            return items, items[-1].seq + 1
+        with self._lock:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return [], self._next_seq
+        return [item], item.seq + 1
+
+    def _drain(self) -> list[_Item]:
+        items = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._inbox.get_nowait())
+        return items
+
+    def _round(self, items: list[_Item], horizon: int) -> None:
+        if self.fatal is None and self._conn is None and time.monotonic() >= self._next_attempt:
+            self._connect()
+        if self._conn is None or self.journal.has_pending(horizon):
+            self._journal_items(items)
+            if self._conn is not None:
+                self._replay(horizon)
+            return
+        if items:
+            try:
+                self._write(_by_table([(i.table, i.frame) for i in items]))
+            except _Lost:
+                self._journal_items(items)
+
+    def _journal_items(self, items: Sequence[_Item]) -> None:
+        for run in _runs(items):
+            for table, frames in _by_table([(i.table, i.frame) for i in run]).items():
+                self.journal.write(run[0].seq, table, _combine(table, frames))
+
+    def _replay(self, horizon: int) -> None:
+        """Write the oldest journal files (about `batch_rows` rows) in one transaction."""
+        chosen: list[tuple[str, pl.DataFrame]] = []
+        files = []
+        rows = 0
+        for file in self.journal.pending(horizon):
+            if rows >= self._batch_rows:
+                break
+            frame = self.journal.read(file)
+            if frame is None:
+                with self._stats_lock:
+                    self._last_error = (
+                        f"The journal file {file.name} could not be read; it was set aside as "
+                        f"{file.name}.unreadable in {self.journal.dir}."
+                    )
+                continue
+            chosen.append((file.table, frame))
+            files.append(file)
+            rows += frame.height
+        with contextlib.suppress(_Lost):
+            self._write(_by_table(chosen))
+            for file in files:
+                self.journal.delete(file)
+
+    # -- the database ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            conn = psycopg.connect(
+                self._conninfo,
+                connect_timeout=CONNECT_TIMEOUT,
+                application_name=THREAD_NAME,
+            )
+        except psycopg.Error as exc:
+            self._connect_failed(exc)
+            return
+        try:
+            self._check_schema(conn)
+            with conn.cursor() as cur:
+                # Compiling each batch's statement costs more than it saves on its rows.
+                cur.execute("SET jit = off")
+                for spec in _SPECS.values():
+                    cur.execute(spec.create_stage().encode())
+            conn.commit()
+        except (psycopg.Error, PolystreamError) as exc:
+            with contextlib.suppress(Exception):
+                conn.close()
+            if isinstance(exc, PolystreamError):
+                self._fail(exc)
+            else:
+                self._connect_failed(exc)
+            return
+        with self._stats_lock:
+            if self._ever_connected:
+                self._reconnects += 1
+            self._ever_connected = True
+            self._conn = conn
+        self._delay = self._backoff_initial
+
+    def _connect_failed(self, exc: psycopg.Error) -> None:
+        error = connect_error(self._url, exc)
+        if _is_fatal(_reason(exc, self._url)):
+            self._fail(error)
+        else:
+            self._retry_later(error)
+
+    def _check_schema(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT migration_id FROM _yoyo_migration")
+                applied = {row[0] for row in cur.fetchall()}
+        except psycopg.errors.UndefinedTable:
+            conn.rollback()
+            applied = set()
+        pending = [m for m in migration_ids() if m not in applied]
+        if pending:
+            raise _not_migrated(self._url, pending)
+
+    def _write(self, groups: dict[str, list[pl.DataFrame]]) -> None:
+        """COPY each table's rows into its staging table and move them over, in one
+        transaction. Raises `_Lost` when the connection fails (nothing was committed)."""
+        conn = self._conn
+        assert conn is not None
+        counts: dict[str, int] = {}
+        table = ""
+        try:
+            with conn.cursor() as cur:
+                for table in TABLES:
+                    if table not in groups:
+                        continue
+                    frame = _prepare(table, groups[table])
+                    if frame.height == 0:
+                        continue
+                    spec = _SPECS[table]
+                    buf = io.BytesIO()
+                    frame.write_csv(buf, include_header=False)
+                    with cur.copy(spec.copy().encode()) as copy:
+                        copy.write(buf.getbuffer())
+                    counts[table] = self._insert(cur, spec)
+            conn.commit()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._disconnect()
+            self._retry_later(
+                StoreError(
+                    f"Lost the connection to PostgreSQL at {self._where}: "
+                    f"{_reason(exc, self._url)}; keeping rows in the journal until it is back."
+                )
+            )
+            raise _Lost from None
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+            self._rollback()
+            raise ConfigError(
+                f"The database at {self._where} does not have the tables polystream writes "
+                f"({_reason(exc, self._url)}): run `{MIGRATE_COMMAND}`."
+            ) from None
+        except psycopg.Error as exc:
+            self._rollback()
+            raise StoreError(
+                f"PostgreSQL at {self._where} refused a batch of {table}: "
+                f"{_reason(exc, self._url)}; the batch is kept in {self.journal.dir}."
+            ) from None
+        with self._stats_lock:
+            for name, n in counts.items():
+                self._rows[name] += n
+
+    def _insert(self, cur: psycopg.Cursor[Any], spec: _Table) -> int:
+        """Move the staged rows over; return how many were inserted or changed."""
+        plain = spec.plain
+        if plain is not None:
+            # ON CONFLICT's speculative insertion about halves the rate of a plain INSERT, and
+            # new rows are the rule: try without it (in a savepoint) and fall back on a clash.
+            try:
+                with cur.connection.transaction():
+                    cur.execute(plain.encode())
+                return max(cur.rowcount, 0)
+            except psycopg.errors.UniqueViolation:
+                pass
+        cur.execute(spec.insert.encode())
+        return max(cur.rowcount, 0)
+
+    def _rollback(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.rollback()
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _retry_later(self, error: StoreError) -> None:
+        with self._stats_lock:
+            self._last_error = str(error)
+        self._next_attempt = time.monotonic() + self._delay
+        self._delay = min(self._delay * 2, self._backoff_max)
+
+    def _fail(self, error: PolystreamError) -> None:
+        """Retrying cannot fix this: from now on every offer goes to the journal."""
+        self._disconnect()
+        with self._stats_lock:
+            self._last_error = str(error)
+        if self.fatal is None:
+            self.fatal = error

@@ -1,0 +1,563 @@
+"""The Telegram notifier against a local Bot API server: texts, splitting, pacing, digests, error
+handling, the persistent outbox across restarts, and the token kept out of every output."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import socket
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import pytest
+
+from polystream.filters.engine import Alert
+from polystream.notify import (
+    MAX_TEXT,
+    OUTBOX_FILE,
+    NotifyError,
+    TelegramNotifier,
+    format_alert,
+    format_digest,
+    split_message,
+)
+
+TOKEN = "123456789:AAH_test-SECRET_token_0123456789"
+WRONG_TOKEN = "987654321:AAF_wrong-SECRET_token_9876543210"
+
+Reply = tuple[int, dict[str, Any]]
+
+
+def ok() -> Reply:
+    return 200, {"ok": True, "result": {"message_id": 1, "date": 0, "chat": {"id": 1}}}
+
+
+def refusal(code: int, description: str, **parameters: object) -> Reply:
+    body: dict[str, Any] = {"ok": False, "error_code": code, "description": description}
+    if parameters:
+        body["parameters"] = parameters
+    return code, body
+
+
+@dataclass
+class Call:
+    """One request as the server saw it, with the status it answered."""
+
+    token: str
+    chat_id: str
+    text: str
+    parse_mode: str | None
+    preview_off: bool | None
+    at: float
+    status: int = 0
+
+
+@dataclass
+class BotApi:
+    """The Bot API subset the notifier uses: `sendMessage`, answered first from `script` (one
+    reply per request), then by `answer`; a token other than `TOKEN` gets 401."""
+
+    url: str = ""
+    calls: list[Call] = field(default_factory=list)
+    script: list[Reply] = field(default_factory=list)
+    answer: Callable[[Call], Reply] = lambda call: ok()
+    delay: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def respond(self, call: Call) -> Reply:
+        with self.lock:
+            if call.token != TOKEN:
+                reply = refusal(401, "Unauthorized")
+            elif self.script:
+                reply = self.script.pop(0)
+            else:
+                reply = self.answer(call)
+            call.status = reply[0]
+            self.calls.append(call)
+        return reply
+
+    def delivered(self, chat: str | None = None) -> list[Call]:
+        with self.lock:
+            return [c for c in self.calls if c.status == 200 and chat in (None, c.chat_id)]
+
+    def requests_for(self, chat: str) -> int:
+        with self.lock:
+            return sum(c.chat_id == chat for c in self.calls)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_POST(self) -> None:
+        at = time.monotonic()
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.loads(raw) if raw else {}
+        m = re.fullmatch(r"/bot([^/]+)/sendMessage", self.path)
+        call = Call(
+            token=unquote(m.group(1)) if m else "",
+            chat_id=str(body.get("chat_id")),
+            text=body.get("text", ""),
+            parse_mode=body.get("parse_mode"),
+            preview_off=body.get("disable_web_page_preview"),
+            at=at,
+        )
+        if self.server.api.delay:
+            time.sleep(self.server.api.delay)
+        status, reply = self.server.api.respond(call)
+        data = json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    api: BotApi
+
+
+@pytest.fixture
+def api() -> Iterator[BotApi]:
+    """A local Bot API on a free loopback port."""
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.api = BotApi(url=f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield server.api
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+MakeNotifier = Callable[..., TelegramNotifier]
+
+
+@pytest.fixture
+def make(api: BotApi, tmp_path: Path) -> Iterator[MakeNotifier]:
+    """Started notifiers with fast timings; every one is stopped at the end of the test."""
+    made: list[TelegramNotifier] = []
+
+    def make(
+        chats: tuple[str, ...] = ("111",),
+        token: str = TOKEN,
+        state: Path | None = None,
+        start: bool = True,
+        **options: Any,
+    ) -> TelegramNotifier:
+        timings: dict[str, Any] = {
+            "api_url": api.url,
+            "per_chat_interval": 0.02,
+            "group_interval": 0.05,
+            "timeout": 2.0,
+            "backoff_initial": 0.05,
+            "backoff_max": 0.2,
+        }
+        notifier = TelegramNotifier(token, chats, state or tmp_path / "state", **timings | options)
+        made.append(notifier)
+        return notifier.start() if start else notifier
+
+    yield make
+    for notifier in made:
+        notifier.stop(0)
+
+
+def alert(
+    message: str = "RSI 27.3 at 4091.2",
+    *,
+    filter: str = "rsi-oversold",
+    symbol: str = "X:BTCUSD",
+    timeframe: str | None = "1m",
+    severity: str = "warning",
+) -> Alert:
+    return Alert(filter, symbol, timeframe, 1_700_000_000_000, severity, message, {"close": 1.0})
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.01)
+
+
+def outbox_rows(state: Path) -> int:
+    with sqlite3.connect(state / OUTBOX_FILE) as db:
+        count: int = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    return count
+
+
+# -- texts -------------------------------------------------------------------------------------
+
+
+def test_one_alert_is_delivered_with_the_exact_text(api: BotApi, make: MakeNotifier) -> None:
+    notifier = make()
+    notifier.offer([alert()])
+    wait_for(lambda: notifier.stats.pending == 0 and len(api.calls) == 1)
+    [call] = api.calls
+    assert call.chat_id == "111"
+    assert call.text == "<b>WARNING</b> rsi-oversold · X:BTCUSD 1m\nRSI 27.3 at 4091.2"
+    assert call.parse_mode == "HTML"
+    assert call.preview_off is True
+    stats = notifier.stats
+    assert (stats.sent, stats.pending, stats.retried, stats.failed) == (1, 0, 0, 0)
+
+
+def test_a_trade_alert_has_no_timeframe_in_its_header() -> None:
+    text = format_alert(alert("big buy", filter="whale", timeframe=None, severity="info"))
+    assert text == "<b>INFO</b> whale · X:BTCUSD\nbig buy"
+
+
+def test_user_text_is_escaped_for_telegram_html(api: BotApi, make: MakeNotifier) -> None:
+    notifier = make()
+    notifier.offer([alert("close < 5 & > 3 <b>not bold</b>", filter="a<b>&c", symbol="X:<BTC>")])
+    wait_for(lambda: len(api.delivered()) == 1)
+    assert api.calls[0].text == (
+        "<b>WARNING</b> a&lt;b&gt;&amp;c · X:&lt;BTC&gt; 1m\n"
+        "close &lt; 5 &amp; &gt; 3 &lt;b&gt;not bold&lt;/b&gt;"
+    )
+
+
+def test_a_long_message_is_split_at_line_ends(api: BotApi, make: MakeNotifier) -> None:
+    lines = [f"line {i:04d} " + "x" * (i % 90) for i in range(400)]
+    message = "\n".join(lines)[:10_000]
+    assert len(message) == 10_000
+    notifier = make()
+    notifier.offer([alert(message)])
+    wait_for(lambda: notifier.stats.pending == 0)
+    texts = [c.text for c in api.delivered()]
+    assert len(texts) >= 3
+    assert all(len(t) <= MAX_TEXT for t in texts)
+    assert all(t.endswith("\n") for t in texts[:-1])
+    assert "".join(texts) == format_alert(alert(message))
+    assert notifier.stats.sent == len(texts)
+
+
+def test_a_long_line_is_never_cut_inside_an_entity_or_a_tag_pair() -> None:
+    line = " ".join(["x&amp;y"] * 1500 + ["<b>WARNING</b>"] * 800 + ["&lt;" * 3000])
+    parts = split_message(line)
+    assert len(parts) > 3
+    assert "".join(parts) == line
+    for part in parts:
+        assert len(part) <= MAX_TEXT
+        assert re.sub(r"&(amp|lt|gt);", "", part).count("&") == 0, part[-20:]
+        assert part.count("<b>") == part.count("</b>")
+        assert not re.search(r"<[^>]*$", part)
+
+
+def test_split_counts_characters_as_telegram_does() -> None:
+    text = "🚀" * 3000  # two UTF-16 units each: 6000 units although len() is 3000
+    parts = split_message(text)
+    assert len(parts) == 2
+    assert all(len(p.encode("utf-16-le")) // 2 <= MAX_TEXT for p in parts)
+    assert "".join(parts) == text
+
+
+# -- chats and pacing --------------------------------------------------------------------------
+
+
+def test_every_chat_gets_every_alert(api: BotApi, make: MakeNotifier) -> None:
+    chats = ("111", "222", "-1001234")
+    notifier = make(chats)
+    first, second = alert("first"), alert("second")
+    notifier.offer([first, second])
+    wait_for(lambda: len(api.delivered()) == 6)
+    for chat in chats:
+        assert [c.text for c in api.delivered(chat)] == [format_alert(first), format_alert(second)]
+
+
+def test_a_comma_separated_chat_list_is_accepted(api: BotApi, make: MakeNotifier) -> None:
+    notifier = make(" 111, 222 ,", start=False)
+    assert notifier.chat_ids == ("111", "222")
+
+
+def test_offer_stores_durably_and_does_not_wait_for_telegram(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    api.delay = 1.0
+    notifier = make()
+    started = time.monotonic()
+    notifier.offer([alert()])
+    assert time.monotonic() - started < 0.5
+    assert outbox_rows(tmp_path / "state") == 1
+    assert notifier.stats.pending == 1
+
+
+def test_two_alerts_to_one_chat_are_a_second_apart(api: BotApi, make: MakeNotifier) -> None:
+    notifier = make(per_chat_interval=1.0)
+    notifier.offer([alert("one")])
+    notifier.offer([alert("two")])
+    wait_for(lambda: len(api.delivered()) == 2)
+    first, second = api.delivered()
+    assert second.at - first.at >= 1.0
+
+
+def test_groups_and_the_global_rate_are_paced(api: BotApi, make: MakeNotifier) -> None:
+    group = make(("-100200",), state=None, group_interval=0.4)
+    group.offer([alert("a")])
+    group.offer([alert("b")])
+    group.offer([alert("c")])
+    wait_for(lambda: len(api.delivered("-100200")) == 3)
+    times = [c.at for c in api.delivered("-100200")]
+    assert all(b - a >= 0.4 for a, b in itertools.pairwise(times))
+
+    chats = tuple(str(n) for n in range(500, 506))
+    many = make(chats, state=group.path.parent / "many", global_per_second=2)
+    many.offer([alert("x")])
+    wait_for(lambda: sum(len(api.delivered(c)) for c in chats) == 6)
+    times = sorted(c.at for c in api.delivered() if c.chat_id in chats)
+    # at most two requests in any one second: every third one is a second later
+    assert all(times[i + 2] - times[i] >= 1.0 for i in range(len(times) - 2))
+
+
+def test_a_burst_becomes_a_digest(api: BotApi, make: MakeNotifier) -> None:
+    notifier = make(digest_after=5)
+    burst = [alert(f"alert number {i} & more", severity="critical") for i in range(40)]
+    notifier.offer(burst)
+    wait_for(lambda: notifier.stats.pending == 0)
+    texts = [c.text for c in api.delivered()]
+    assert 0 < len(texts) < len(burst)
+    assert texts[0].startswith("<b>40 alerts</b>\n")
+    whole = "".join(texts)
+    for a in burst:
+        assert (
+            f"<b>CRITICAL</b> rsi-oversold · X:BTCUSD 1m: {a.message.replace('&', '&amp;')}\n"
+            in (whole + "\n")
+        )
+    assert notifier.stats.digests == 1
+    assert whole == format_digest(burst)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_429_waits_retry_after_and_delivers_once(api: BotApi, make: MakeNotifier) -> None:
+    api.script = [refusal(429, "Too Many Requests: retry after 1", retry_after=1)]
+    notifier = make()
+    notifier.offer([alert()])
+    wait_for(lambda: len(api.delivered()) == 1)
+    refused, accepted = api.calls
+    assert (refused.status, accepted.status) == (429, 200)
+    assert accepted.at - refused.at >= 1.0
+    time.sleep(0.1)
+    assert len(api.calls) == 2
+    assert (notifier.stats.retried, notifier.stats.sent, notifier.problems) == (1, 1, [])
+
+
+def test_a_server_error_is_retried(api: BotApi, make: MakeNotifier) -> None:
+    api.script = [refusal(500, "Internal Server Error"), refusal(502, "Bad Gateway")]
+    notifier = make()
+    notifier.offer([alert()])
+    wait_for(lambda: len(api.delivered()) == 1)
+    time.sleep(0.1)
+    assert [c.status for c in api.calls] == [500, 502, 200]
+    stats = notifier.stats
+    assert (stats.retried, stats.sent, stats.pending, stats.failed) == (2, 1, 0, 0)
+    assert notifier.problems == []
+
+
+def test_a_blocked_bot_is_reported_once_and_that_chat_is_dropped(
+    api: BotApi, make: MakeNotifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    def answer(call: Call) -> Reply:
+        if call.chat_id == "222":
+            return refusal(403, "Forbidden: bot was blocked by the user")
+        return ok()
+
+    api.answer = answer
+    notifier = make(("111", "222"))
+    notifier.offer([alert("a"), alert("b"), alert("c")])
+    wait_for(lambda: len(api.delivered("111")) == 3 and notifier.stats.pending == 0)
+    notifier.offer([alert("d"), alert("e")])
+    wait_for(lambda: len(api.delivered("111")) == 5)
+    time.sleep(0.1)
+    assert api.requests_for("222") == 1
+    [problem] = notifier.problems
+    assert "blocked or removed from chat 222" in problem
+    assert problem.endswith(".")
+    assert notifier.stats.failed == 5
+    assert notifier.stats.pending == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [problem]
+
+
+def test_a_refused_message_names_the_chat_and_telegrams_reason(
+    api: BotApi, make: MakeNotifier
+) -> None:
+    api.script = [refusal(400, "Bad Request: chat not found")]
+    notifier = make(("777",))
+    notifier.offer([alert("a"), alert("b")])
+    wait_for(lambda: notifier.stats.pending == 0)
+    assert notifier.problems == [
+        "Telegram refused the message for chat 777: Bad Request: chat not found; "
+        "its pending alerts are dropped (check TELEGRAM_CHAT_ID)."
+    ]
+    assert notifier.stats.failed == 2
+    assert len(api.calls) == 1
+
+
+def test_a_refused_token_stops_sending_and_keeps_the_outbox(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    notifier = make(("111", "222"), token=WRONG_TOKEN, state=state)
+    notifier.offer([alert("a"), alert("b")])
+    wait_for(lambda: bool(notifier.problems))
+    notifier.offer([alert("c")])
+    time.sleep(0.2)
+    assert len(api.calls) == 1
+    assert notifier.problems == [
+        "Telegram refused the bot token, so no alerts are sent: check TELEGRAM_BOT_TOKEN "
+        "(undelivered alerts are kept for the next run)."
+    ]
+    started = time.monotonic()
+    notifier.stop(5.0)
+    assert time.monotonic() - started < 1.0
+    assert notifier.stats.pending == 6
+    assert outbox_rows(state) == 6
+
+    fixed = make(("111", "222"), state=state)
+    wait_for(lambda: fixed.stats.pending == 0)
+    for chat in ("111", "222"):
+        assert [c.text for c in api.delivered(chat)] == [
+            format_alert(alert(m)) for m in ("a", "b", "c")
+        ]
+
+
+# -- the outbox across restarts ----------------------------------------------------------------
+
+
+def test_the_outbox_survives_a_restart(api: BotApi, make: MakeNotifier, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    api.answer = lambda call: refusal(500, "Internal Server Error")
+    first = make(("111", "222"), state=state)
+    sent = [alert("a"), alert("b"), alert("c")]
+    first.offer(sent)
+    wait_for(lambda: len(api.calls) >= 2)
+    first.stop(0.3)
+    assert first.stats.pending == 6
+    assert outbox_rows(state) == 6
+    with pytest.raises(NotifyError):
+        first.offer([alert("too late")])
+
+    api.answer = lambda call: ok()
+    second = make(("111", "222"), state=state)
+    assert second.stats.pending == 6
+    wait_for(lambda: second.stats.pending == 0)
+    time.sleep(0.1)
+    delivered = Counter((c.chat_id, c.text) for c in api.delivered())
+    assert delivered == Counter((chat, format_alert(a)) for chat in ("111", "222") for a in sent)
+    assert outbox_rows(state) == 0
+
+
+def test_nothing_is_sent_twice_after_a_clean_restart(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = make(state=state)
+    first.offer([alert("a"), alert("b"), alert("c")])
+    first.stop(5.0)
+    assert first.stats.pending == 0
+    assert len(api.delivered()) == 3
+
+    second = make(state=state)
+    time.sleep(0.2)
+    second.stop(1.0)
+    assert len(api.calls) == 3
+    assert second.stats.sent == 0
+
+
+def test_a_split_message_resumes_after_its_last_delivered_part(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    message = "\n".join(f"row {i:05d} " + "y" * 60 for i in range(150))
+    api.script = [ok()]
+    api.answer = lambda call: refusal(503, "Service Unavailable")
+    first = make(state=state)
+    first.offer([alert(message)])
+    wait_for(lambda: len(api.calls) >= 2)
+    first.stop(0.2)
+    assert len(api.delivered()) == 1
+
+    api.answer = lambda call: ok()
+    second = make(state=state)
+    wait_for(lambda: second.stats.pending == 0)
+    texts = [c.text for c in api.delivered()]
+    assert len(texts) == len(split_message(format_alert(alert(message))))
+    assert "".join(texts) == format_alert(alert(message))
+
+
+def test_a_digest_resumes_after_its_last_delivered_part(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    burst = [alert(f"burst {i} " + "z" * 150) for i in range(60)]
+    api.script = [ok()]
+    api.answer = lambda call: refusal(500, "Internal Server Error")
+    first = make(state=state)
+    first.offer(burst)
+    wait_for(lambda: len(api.calls) >= 2)
+    first.stop(0.2)
+
+    api.answer = lambda call: ok()
+    second = make(state=state)
+    second.offer([alert("after the restart")])
+    wait_for(lambda: second.stats.pending == 0)
+    texts = [c.text for c in api.delivered()]
+    digest = split_message(format_digest(burst))
+    assert len(digest) > 1
+    assert texts == [*digest, format_alert(alert("after the restart"))]
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def test_the_token_never_appears_in_logs_problems_or_repr(
+    api: BotApi, make: MakeNotifier, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    unreachable = make(state=tmp_path / "a", api_url=f"http://127.0.0.1:{closed_port}")
+    unreachable.offer([alert()])
+    wait_for(lambda: unreachable.stats.retried >= 2)
+
+    refused = make(token=WRONG_TOKEN, state=tmp_path / "b")
+    refused.offer([alert()])
+    wait_for(lambda: bool(refused.problems))
+
+    working = make(state=tmp_path / "c")
+    working.offer([alert()])
+    wait_for(lambda: working.stats.sent == 1)
+
+    assert any("could not reach Telegram" in r.getMessage() for r in caplog.records)
+    assert any("sendMessage" in r.getMessage() for r in caplog.records)  # urllib3's request line
+    shown = [r.getMessage() for r in caplog.records] + [caplog.text]
+    shown += refused.problems + [repr(n) for n in (unreachable, refused, working)]
+    for secret in (TOKEN, WRONG_TOKEN):
+        for form in (secret, quote(secret, safe=""), secret.split(":")[1]):
+            assert not any(form in text for text in shown), form
+
+
+def test_an_unusable_state_dir_is_one_sentence(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(NotifyError) as info:
+        TelegramNotifier(TOKEN, ["111"], blocker / "state")
+    message = str(info.value)
+    assert message.startswith("Cannot open the Telegram outbox") and message.endswith(".")
+    assert TOKEN not in message

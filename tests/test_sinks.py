@@ -1,0 +1,130 @@
+"""`watch` with both sinks: Ctrl-C mid-replay leaves every received trade stored and every
+accepted alert delivered; `migrate` and the refusals around storage, as users run them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from polystream.record import read_recording
+from test_cli import assert_one_sentence_error, env, records, run
+from test_filter_cli import EVERY_BAR, write_recording
+from test_notify import TOKEN, BotApi, api  # noqa: F401  (the fixture is used by name)
+
+# each message names its bar, so that every alert's text is unique
+TELEGRAM_BAR = EVERY_BAR.replace(
+    "trigger: level", "trigger: level\nnotify: [console, telegram]"
+).replace("closed at {close}", "bar {start} closed at {close}")
+
+
+def polystream(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return run(tmp_path, *args, **extra)
+
+
+def received_trade_ids(path: Path) -> set[str]:
+    """The ids of the trades in a recording of what a run received."""
+    ids: set[str] = set()
+    for frame in read_recording(path):
+        for event in json.loads(frame.data):
+            if event.get("ev") == "XT":
+                ids.add(str(event["i"]))
+    return ids
+
+
+def test_migrate_list_rollback_from_the_command_line(tmp_path: Path, database_url: str) -> None:
+    first = polystream(tmp_path, "migrate", DATABASE_URL=database_url)
+    assert first.returncode == 0, first.stderr
+    assert "applied" in first.stderr
+    again = polystream(tmp_path, "migrate", DATABASE_URL=database_url)
+    assert again.returncode == 0 and "up to date" in again.stderr
+    listed = polystream(tmp_path, "migrate", "--list", DATABASE_URL=database_url)
+    assert listed.returncode == 0 and "pending" not in listed.stdout and "applied" in listed.stdout
+    back = polystream(tmp_path, "migrate", "--rollback", DATABASE_URL=database_url)
+    assert back.returncode == 0 and "rolled back" in back.stderr
+    listed = polystream(tmp_path, "migrate", "--list", DATABASE_URL=database_url)
+    assert listed.stdout.count("pending") == 1
+
+
+def test_watch_store_refuses_pending_migrations(tmp_path: Path, database_url: str) -> None:
+    recording = tmp_path / "trades.tsv"
+    write_recording(recording, seconds=3)
+    result = polystream(
+        tmp_path, "watch", "X:BTCUSD", "--feed", str(recording), "--store",
+        DATABASE_URL=database_url,
+    )  # fmt: skip
+    assert_one_sentence_error(result, "polystream migrate")
+
+
+def test_a_bad_database_url_is_one_sentence_without_the_password(tmp_path: Path) -> None:
+    url = "postgresql://someone:sekret-pw@127.0.0.1:1/nowhere"
+    result = polystream(tmp_path, "migrate", DATABASE_URL=url)
+    assert_one_sentence_error(result, "127.0.0.1", "nowhere")
+    assert "sekret-pw" not in result.stderr + result.stdout
+
+
+def test_store_without_a_database_url_is_one_sentence(tmp_path: Path) -> None:
+    result = polystream(tmp_path, "watch", "X:BTCUSD", "--feed", "demo", "--store")
+    assert_one_sentence_error(result, "DATABASE_URL")
+    result = polystream(tmp_path, "watch", "X:BTCUSD", "--feed", "demo", "--notify")
+    assert_one_sentence_error(result, "TELEGRAM_BOT_TOKEN")
+
+
+def test_ctrl_c_mid_replay_stores_and_delivers_everything_received(
+    tmp_path: Path,
+    database_url: str,
+    api: BotApi,  # noqa: F811
+) -> None:
+    assert polystream(tmp_path, "migrate", DATABASE_URL=database_url).returncode == 0
+    filters = tmp_path / "filters"
+    filters.mkdir()
+    (filters / "every-bar.yaml").write_text(TELEGRAM_BAR)
+    recording = tmp_path / "trades.tsv"
+    write_recording(recording, seconds=120)
+    received = tmp_path / "received.tsv"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "polystream", "watch", "X:BTCUSD", "--feed", str(recording),
+            "--speed", "10", "-t", "1s", "--json", "--no-ui", "--filters", str(filters),
+            "--record", str(received),
+        ],
+        cwd=tmp_path,
+        env=env(
+            tmp_path,
+            DATABASE_URL=database_url,
+            TELEGRAM_BOT_TOKEN=TOKEN,
+            TELEGRAM_CHAT_ID="1001",
+            TELEGRAM_API_URL=api.url,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while len(api.delivered()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.delivered(), "no alert reached the Bot API"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    alerts = [r for r in records(out) if r["type"] == "alert"]
+    got_ids = received_trade_ids(received)
+    assert 0 < len(got_ids) < 1200, "the run should have been cut mid-replay"
+    with psycopg.connect(database_url) as conn:
+        stored = [row[0] for row in conn.execute("SELECT trade_id FROM trades").fetchall()]
+        stored_alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()
+    assert sorted(stored) == sorted(got_ids)  # each received trade exactly once
+    assert stored_alerts is not None and stored_alerts[0] == len(alerts)
+    # every accepted alert once, alone or in a digest of a burst
+    delivered = [c.text for c in api.delivered("1001")]
+    for a in alerts:
+        assert sum(str(a["message"]) in text for text in delivered) == 1

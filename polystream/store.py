@@ -706,9 +706,7 @@ class Store:
     def counters(self) -> dict[str, int]:
         """The counters shown beside the pipeline's own."""
         s = self.stats
-        shown = {"rows stored": s.rows_written}
-        if s.journal_files:
-            shown["journal files"] = s.journal_files
+        shown = {"rows stored": s.rows_written, "journal KiB": -(-s.journal_bytes // 1024)}
         if s.reconnects:
             shown["db reconnects"] = s.reconnects
         return shown

@@ -837,6 +837,14 @@ class Store:
                 self._conninfo,
                 connect_timeout=CONNECT_TIMEOUT,
                 application_name=THREAD_NAME,
+                # a server that vanished mid-batch (network cut, host down) is noticed in
+                # seconds rather than after the kernel's two hours, so the batch goes to the
+                # journal instead of blocking the writer
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=3,
+                keepalives_count=3,
+                tcp_user_timeout=30_000,
             )
         except psycopg.Error as exc:
             self._connect_failed(exc)

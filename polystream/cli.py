@@ -156,6 +156,13 @@ def watch(
             "TELEGRAM_CHAT_ID are set].",
         ),
     ] = None,
+    warmup: Annotated[
+        bool,
+        typer.Option(
+            "--warmup/--no-warmup",
+            help="Live: seed the indicators with the latest stored bars first.",
+        ),
+    ] = True,
 ) -> None:
     """Live feed -> bars, indicators, filters and alerts, dashboard, JSON records, storage,
     Telegram, recordings."""
@@ -204,6 +211,8 @@ def watch(
             store=row_sink,
             notifier=alert_sink,
         )
+        if warmup and row_sink is not None and pipeline.live:
+            _warm(pipeline, _database_url(settings), normalized, timeframes)
         result = pipeline.run(duration)
     if result.interrupted:
         raise typer.Exit(130)
@@ -292,6 +301,18 @@ def _notifier(settings: Settings, wanted: bool | None) -> TelegramNotifier | Non
         settings.state_dir,
         api_url=settings.telegram_api_url,
     )
+
+
+# Bars of history per symbol and timeframe: a few times the longest warm-up, so that EMA-based
+# indicators have forgotten where the history starts.
+WARMUP_BARS = 300
+
+
+def _warm(pipeline: Pipeline, url: str, symbols: list[str], timeframes: tuple[int, ...]) -> None:
+    from .store import recent_bars
+
+    history = recent_bars(url, symbols, timeframes, WARMUP_BARS, int(time.time() * 1000))
+    pipeline.warm(history)
 
 
 def _load_filters(watcher: FilterWatcher) -> None:

@@ -249,6 +249,25 @@ class Pipeline:
         self._gaps_stored = 0
         self._problems_shown = 0
 
+    def warm(self, history: pl.DataFrame) -> int:
+        """Seed the indicators and the filters with earlier final bars (see `BarEngine.warm`)
+        before `run`; returns how many bars were taken."""
+        records = self.engine.warm(history)
+        if records.height == 0:
+            return 0
+        if self.filters is not None:
+            self.filters.seed(records)
+        primary = records.filter(pl.col("end") - pl.col("start") == self._primary)
+        for row in primary.iter_rows(named=True):
+            st = self.symbols.get(row["symbol"])
+            if st is not None:
+                st.bars += 1
+                st.bar = row
+        notice = Notice("warmed", self._now_ms(), f"{records.height:,} earlier bars loaded")
+        for out in self.outputs:
+            out.status(notice)
+        return records.height
+
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 

@@ -230,6 +230,48 @@ def require_migrated(url: str) -> None:
         raise _not_migrated(url, pending)
 
 
+def recent_bars(
+    url: str, symbols: Sequence[str], timeframes: Sequence[int], count: int, now_ms: int
+) -> pl.DataFrame:
+    """The last `count` stored final or revised bars per symbol and timeframe (ms) that ended
+    by the start of the bucket `now_ms` is in, oldest first, as bar records (symbol, timeframe,
+    start, open, high, low, close, volume, vwap, trades, buy_volume, sell_volume)."""
+    from .config import timeframe_name
+
+    query = """
+        SELECT symbol, timeframe, (extract(epoch FROM start) * 1000)::int8 AS start,
+               open, high, low, close, volume, vwap, trades::int8 AS trades,
+               buy_volume, sell_volume
+        FROM (
+            SELECT * FROM bars
+            WHERE symbol = %s AND timeframe = %s AND state <> 'partial'
+              AND "end" <= to_timestamp(%s::int8 / 1000.0)
+            ORDER BY start DESC LIMIT %s
+        ) AS recent
+        ORDER BY start
+    """
+    schema = {
+        "symbol": pl.String,
+        "timeframe": pl.String,
+        "start": pl.Int64,
+        **{c: pl.Float64 for c in ("open", "high", "low", "close", "volume", "vwap")},
+        "trades": pl.Int64,
+        "buy_volume": pl.Float64,
+        "sell_volume": pl.Float64,
+    }
+    rows: list[tuple[Any, ...]] = []
+    try:
+        with psycopg.connect(_driver_url(url), connect_timeout=CONNECT_TIMEOUT) as conn:
+            for symbol in symbols:
+                for tf in timeframes:
+                    cutoff = now_ms // tf * tf
+                    args = (symbol, timeframe_name(tf), cutoff, count)
+                    rows += conn.execute(query, args).fetchall()
+    except psycopg.Error as exc:
+        raise connect_error(url, exc) from None
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
 # --- tables -------------------------------------------------------------------------------------
 
 _PG_TYPES: dict[type[pl.DataType], str] = {

@@ -118,6 +118,8 @@ class BarEngine:
         self._frame = (_NEVER, _NEVER)
         self._indicators: dict[tuple[str, int], IndicatorState] = {}
         self._last: dict[tuple[str, int], tuple[int, float]] = {}
+        # the last bar seeded by `warm` per key: live bars up to it are history already
+        self._floor: dict[tuple[str, int], int] = {}
         self._revision_bars = {
             tf: (self.options.horizon + self.options.lateness) // tf + 2
             for tf in self.options.timeframes
@@ -194,6 +196,46 @@ class BarEngine:
         ghost._last = dict(self._last)
         ghost.stats = BarStats()
         return ghost._finalize(eof=True, state="partial")
+
+    def warm(self, history: pl.DataFrame) -> pl.DataFrame:
+        """Seed the indicators with earlier final bars (records: symbol, timeframe, start,
+        open, high, low, close, volume, vwap, trades, buy_volume, sell_volume), oldest first per
+        symbol and timeframe, so that they are valid from the first live bar. Returns those
+        bars as records with their indicators; nothing is emitted. The interval between the
+        history and the first live trade is not filled with zero-volume bars: nothing is known
+        about it."""
+        names = {timeframe_name(tf): tf for tf in self.options.timeframes}
+        rows = history.filter(pl.col("timeframe").is_in(list(names)))
+        if rows.height == 0:
+            return self._empty()
+        vwap = pl.col("vwap").fill_null(pl.col("close"))
+        bars = rows.select(
+            "symbol",
+            pl.col("timeframe").replace_strict(names, return_dtype=pl.Int64).alias("tf"),
+            "start",
+            "open",
+            "high",
+            "low",
+            "close",
+            _units(pl.col("volume").fill_null(0.0)).alias("volume"),
+            _units(vwap * pl.col("volume").fill_null(0.0)).alias("pv"),
+            pl.col("trades").fill_null(0).cast(pl.Int64),
+            _units(pl.col("buy_volume").fill_null(0.0)).alias("buy_volume"),
+            _units(pl.col("sell_volume").fill_null(0.0)).alias("sell_volume"),
+            pl.col("start").alias("first_t"),
+            pl.col("start").alias("last_t"),
+        ).sort("symbol", "tf", "start", maintain_order=True)
+        work = []
+        for key, frame in bars.group_by(["symbol", "tf"], maintain_order=True):
+            k = (str(key[0]), int(key[1]))
+            if k in self._indicators:
+                continue  # already has history of its own: live bars are not rewritten
+            frame = frame.unique("start", keep="last", maintain_order=True)
+            work.append((self._state(k), frame, False))
+            self._floor[k] = int(frame["start"][-1])
+        if not work:
+            return self._empty()
+        return self._records(pl.concat(update_many(work), how="vertical_relaxed"), "final")
 
     # -- core --------------------------------------------------------------------------------
 
@@ -320,6 +362,11 @@ class BarEngine:
     ) -> pl.DataFrame | None:
         """Real bars of one group plus zero-volume bars for every empty bucket up to the due one."""
         tf = key[1]
+        floor = self._floor.get(key)
+        if real is not None and floor is not None:
+            kept = real.filter(pl.col("start") > floor)
+            self.stats.too_late += int(real["trades"].sum()) - int(kept["trades"].sum())
+            real = kept if kept.height else None
         last = self._last.get(key)
         if real is None and last is None:
             return None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from polystream.record import read_recording
 from test_cli import assert_one_sentence_error, env, records, run
@@ -129,3 +130,53 @@ def test_ctrl_c_mid_replay_stores_and_delivers_everything_received(
     delivered = "\n".join(c.text for c in api.delivered("1001"))
     missing = [a["message"] for a in alerts if str(a["message"]) not in delivered]
     assert missing == []
+
+
+def store_history(url: str, symbol: str, seconds: int) -> int:
+    """`seconds` stored final 1s bars of a gentle walk, ending at the current second; returns
+    the start of the last one (epoch ms)."""
+    last = (int(time.time()) - 1) * 1000
+    rows = []
+    price = 4_090.0
+    for k in range(seconds):
+        start = last - (seconds - 1 - k) * 1000
+        price += 0.7 if k % 3 else -1.1
+        rows.append((symbol, "1s", start / 1000, (start + 1000) / 1000, price, price + 0.5,
+                     price - 0.5, price, 1.5, price, 7, 0.9, 0.6, "final"))  # fmt: skip
+    with psycopg.connect(url) as conn:
+        conn.cursor().executemany(
+            """INSERT INTO bars (symbol, timeframe, start, "end", open, high, low, close, volume,
+                   vwap, trades, buy_volume, sell_volume, state)
+               VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s,
+                   %s, %s, %s)""",
+            rows,
+        )
+    return last
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_indicators_are_valid_on_the_first_live_bar_after_a_warm_up(
+    tmp_path: Path, database_url: str, warm: bool
+) -> None:
+    assert polystream(tmp_path, "migrate", DATABASE_URL=database_url).returncode == 0
+    last_stored = store_history(database_url, "X:BTCUSD", 120)
+    result = polystream(
+        tmp_path, "watch", "X:BTCUSD", "--feed", "demo", "-t", "1s", "--json", "--no-ui",
+        "--duration", "4", "--filters", str(tmp_path / "none"),
+        "--warmup" if warm else "--no-warmup",
+        DATABASE_URL=database_url,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    recs = records(result.stdout)
+    final = [r for r in recs if r["type"] == "bar" and r["state"] == "final"]
+    assert final, result.stderr
+    first = final[0]
+    assert first["start"] > last_stored  # a live bar, not the stored history
+    indicators = [k for k in list(first)[list(first).index("state") + 1 :] if k != "flow_imbalance"]
+    warmed = [r for r in recs if r["type"] == "status" and r["event"] == "warmed"]
+    if warm:
+        assert warmed and warmed[0]["detail"].startswith("120 ")
+        assert all(first[k] is not None for k in indicators), first
+    else:
+        assert not warmed
+        assert all(first[k] is None for k in indicators), first

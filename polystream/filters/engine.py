@@ -173,10 +173,16 @@ class FilterEngine:
             if loaded:
                 frame = self._bar_frame(tf, tail, final, loaded, lookback)
                 alerts += self._evaluate(frame, loaded, "start", name)
-            before = tail.rows
-            joined = final if before is None else pl.concat([before, final], how="diagonal")
-            tail.keep(joined.select(final.columns), keep)
+            _remember(tail, final, keep)
         return alerts
+
+    def seed(self, records: pl.DataFrame) -> None:
+        """Earlier final bars (a warm-up) become the kept history, without being evaluated."""
+        for tf, tail in self._bars.items():
+            final = records.filter(pl.col("timeframe") == _timeframe_label(tf))
+            if final.height:
+                lookback = max((lf.compiled.lookback for lf in self._of("bar", tf)), default=0)
+                _remember(tail, final, max(lookback, SEED_BARS))
 
     def _bar_frame(
         self,
@@ -412,6 +418,12 @@ class FilterEngine:
             latest = max(columns["_time"][position[r]] for r in rows)
             self.last_fired[f.name] = max(self.last_fired.get(f.name, 0), latest)
         return out
+
+
+def _remember(tail: _Tail, final: pl.DataFrame, keep: int) -> None:
+    before = tail.rows
+    joined = final if before is None else pl.concat([before, final], how="diagonal")
+    tail.keep(joined.select(final.columns), keep)
 
 
 def _merge(

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import polars as pl
 import typer
 from typer.exceptions import TyperException
 
@@ -23,6 +24,7 @@ from .config import (
     parse_channels,
     parse_duration,
     parse_timeframe,
+    timeframe_name,
 )
 from .errors import ConfigError, PolystreamError
 from .filters import FilterWatcher, shipped_dir
@@ -327,6 +329,145 @@ def _load_filters(watcher: FilterWatcher) -> None:
         f"{'are' if len(errors) > 1 else 'is'} not valid; fix or remove "
         f"{'them' if len(errors) > 1 else 'it'} (polystream filter validate shows every problem)."
     )
+
+
+_OUTPUT_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+
+
+def _when(text: str, option: str) -> int:
+    """Epoch ms from a date (`2024-05-29`, midnight UTC) or an ISO date and time (UTC unless
+    it names an offset)."""
+    import datetime as dt
+
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"Invalid date {text!r} for {option}: write it like 2024-05-29 or 2024-05-29T13:30."
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int(value.timestamp() * 1000)
+
+
+@app.command()
+def backfill(
+    symbols: Annotated[list[str], typer.Argument(help="Symbols such as X:BTCUSD.")],
+    from_: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="First day or time (UTC) [default: after the last stored bar]."
+        ),
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="End, exclusive [default: now].")] = None,
+    timeframe: Annotated[str, typer.Option("--timeframe", "-t", help="Bar timeframe.")] = "1m",
+    trades: Annotated[bool, typer.Option(help="Also fetch every trade (database only).")] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the bars to CSV or Parquet instead."),
+    ] = None,
+    per_minute: Annotated[
+        int, typer.Option(help="REST requests per minute (5 on the free plan; 0: no limit).", min=0)
+    ] = 5,
+) -> None:
+    """History over REST: aggregates (and trades) into the database, or bars into a file."""
+    from . import rest
+    from .analyze import SUFFIXES, write_output
+
+    settings = _settings()
+    if not settings.api_key:
+        raise ConfigError(
+            "No API key: set POLYGON_API_KEY (or MASSIVE_API_KEY) in the environment or .env."
+        )
+    normalized = [normalize(s) for s in dict.fromkeys(symbols)]
+    tf = parse_timeframe(timeframe)
+    end = _when(to, "--to") if to else int(time.time() * 1000)
+    if output is None and not settings.database_url:
+        raise ConfigError("Nowhere to put the history: set DATABASE_URL, or give --output FILE.")
+    if output is not None and trades:
+        raise ConfigError("--trades needs the database: a file holds bars only.")
+    if output is not None and not output.name.lower().endswith(_OUTPUT_SUFFIXES):
+        raise ConfigError(f"Cannot write {output}: give it one of the suffixes {SUFFIXES}.")
+    starts: dict[str, int] = {}
+    if from_ is not None and _when(from_, "--from") >= end:
+        raise ConfigError(f"--from {from_} is not before --to {to or 'now'}: swap them.")
+    for symbol in normalized:
+        if from_ is not None:
+            starts[symbol] = _when(from_, "--from")
+        elif output is None and settings.database_url is not None:
+            from .store import last_bar_start, require_migrated
+
+            require_migrated(settings.database_url)
+            last = last_bar_start(settings.database_url, symbol, timeframe_name(tf))
+            if last is None:
+                raise ConfigError(
+                    f"No {timeframe_name(tf)} bars of {symbol} are stored yet: give --from."
+                )
+            starts[symbol] = last + tf
+        else:
+            raise ConfigError("--from is needed when writing to a file.")
+    client = rest.RestClient(settings.rest_url, settings.api_key, per_minute=per_minute)
+    collected: list[pl.DataFrame] = []
+    writer = None
+    if output is None:
+        assert settings.database_url is not None
+        from .store import Store, require_migrated
+
+        require_migrated(settings.database_url)
+        writer = Store(settings.database_url, settings.state_dir).start()
+
+    def sink(table: str, frame: pl.DataFrame) -> None:
+        if writer is not None:
+            writer.offer(table, frame)
+        elif table == "bars":
+            collected.append(frame)
+
+    rows: dict[str, int] = {}
+    try:
+        with display.BackfillProgress(normalized, min(starts.values()), end) as progress:
+            for symbol in normalized:
+                if starts[symbol] >= end:
+                    rows[symbol] = 0
+                    continue
+                rows.update(
+                    rest.backfill(
+                        client,
+                        [symbol],
+                        starts[symbol],
+                        end,
+                        timeframe_ms=tf,
+                        trades=trades,
+                        sink=sink,
+                        on_page=progress,
+                    )
+                )
+    finally:
+        if writer is not None:
+            writer.stop(60.0)
+    if writer is not None:
+        if writer.fatal is not None:
+            raise writer.fatal
+        stats = writer.stats
+        display.note(
+            f"fetched {sum(rows.values()):,} rows; {stats.rows_written:,} new rows stored"
+            + (
+                f", {stats.journal_files} batches waiting in the journal"
+                if stats.journal_files
+                else ""
+            ),
+            "green",
+        )
+    else:
+        bars = (
+            pl.concat(collected).sort("start")
+            if collected
+            else pl.DataFrame(schema=rest.BAR_RECORD_SCHEMA)
+        )
+        write_output(
+            bars.select(pl.col("start").alias("time"), "open", "high", "low", "close", "volume"),
+            output,  # type: ignore[arg-type]
+        )
+        display.note(f"wrote {bars.height:,} bars to {output}", "green")
 
 
 @app.command()

@@ -511,3 +511,43 @@ def migration_table(rows: list[tuple[str, bool]]) -> None:
     for name, applied in rows:
         table.add_row(name, Text("applied", "green") if applied else Text("pending", "yellow"))
     stdout_console.print(table)
+
+
+class BackfillProgress:
+    """`backfill`: a progress bar per symbol with rows fetched and the time left."""
+
+    def __init__(self, symbols: list[str], start_ms: int, end_ms: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._start = start_ms
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[rows]:>12,} rows"),
+            TimeRemainingColumn(),
+            console=stderr_console,
+        )
+        self._tasks = {
+            s: self._progress.add_task(s, total=max(1, end_ms - start_ms), rows=0) for s in symbols
+        }
+
+    def __enter__(self) -> BackfillProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def __call__(self, symbol: str, rows: int, done_ms: int) -> None:
+        task = self._tasks.get(symbol)
+        if task is None:
+            return
+        fields = self._progress.tasks[task].fields
+        self._progress.update(
+            task, completed=max(0, done_ms - self._start), rows=fields["rows"] + rows
+        )

@@ -354,14 +354,19 @@ class RestClient:
         if status == "NOT_AUTHORIZED" or code == 403:
             raise NotEntitled(
                 f"Your Massive plan does not include {what}: "
-                "upgrade it at https://massive.com/pricing or ask for data the plan covers."
+                "upgrade the plan or ask for data it covers."
             )
         if code == 404:
             raise UnknownTicker(
                 f"The REST API does not know the ticker {ticker} (HTTP 404): "
                 "check the symbol and --rest-url."
             )
-        if code != 200 or status == "ERROR" or not body:
+        if code == 200 and not body:
+            raise RestError(
+                f"The REST API at {self.base_url} sent a response that is not a JSON object "
+                f"while fetching {what}: check --rest-url."
+            )
+        if code != 200 or status == "ERROR":
             said = f" ({message})" if message else ""
             raise RestError(
                 self._redact(

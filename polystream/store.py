@@ -272,6 +272,20 @@ def recent_bars(
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
+def last_bar_start(url: str, symbol: str, timeframe: str) -> int | None:
+    """The start (epoch ms) of the latest stored final or revised bar, or None."""
+    query = """
+        SELECT (extract(epoch FROM max(start)) * 1000)::int8 FROM bars
+        WHERE symbol = %s AND timeframe = %s AND state <> 'partial'
+    """
+    try:
+        with psycopg.connect(_driver_url(url), connect_timeout=CONNECT_TIMEOUT) as conn:
+            row = conn.execute(query, (symbol, timeframe)).fetchone()
+    except psycopg.Error as exc:
+        raise connect_error(url, exc) from None
+    return None if row is None or row[0] is None else int(row[0])
+
+
 # --- tables -------------------------------------------------------------------------------------
 
 _PG_TYPES: dict[type[pl.DataType], str] = {

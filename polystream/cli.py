@@ -37,6 +37,7 @@ from .window import BarOptions
 
 if TYPE_CHECKING:
     from .notify import TelegramNotifier
+    from .rest import RestClient
     from .store import Store
 
 app = typer.Typer(
@@ -212,6 +213,7 @@ def watch(
             state_dir=settings.state_dir,
             store=row_sink,
             notifier=alert_sink,
+            repair=_repairer(settings, feed, row_sink),
         )
         if warmup and row_sink is not None and pipeline.live:
             _warm(pipeline, _database_url(settings), normalized, timeframes)
@@ -303,6 +305,17 @@ def _notifier(settings: Settings, wanted: bool | None) -> TelegramNotifier | Non
         settings.state_dir,
         api_url=settings.telegram_api_url,
     )
+
+
+def _repairer(settings: Settings, feed: str, store: Store | None) -> RestClient | None:
+    """Gap repair needs the REST API and somewhere the repaired bars go: a live Polygon feed,
+    a key and storage."""
+    live_polygon = feed == "polygon" or feed.startswith(("ws://", "wss://"))
+    if store is None or not settings.api_key or not live_polygon:
+        return None
+    from .rest import RestClient
+
+    return RestClient(settings.rest_url, settings.api_key)
 
 
 # Bars of history per symbol and timeframe: a few times the longest warm-up, so that EMA-based

@@ -9,20 +9,21 @@ bars as `partial`, and returns a result with `interrupted` set; the CLI makes th
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import queue
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 import polars as pl
 
-from .batch import Batch, Batcher
+from .batch import TRADE_SCHEMA, Batch, Batcher
 from .config import timeframe_name
 from .decode import Decoder
 from .errors import FeedError, PolystreamError
@@ -140,6 +141,23 @@ class AlertSink(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
+class TradeHistory(Protocol):
+    """Where missing trades come from (the REST API): every trade of a symbol in [start, end)."""
+
+    def trades(self, symbol: str, start_ms: int, end_ms: int) -> Iterable[pl.DataFrame]: ...
+
+
+class _Repair(msgspec.Struct):
+    """One symbol and timeframe of one outage: bars starting in [lo, hi) are rebuilt once all
+    of them are final."""
+
+    symbol: str
+    tf: int
+    lo: int
+    hi: int
+    future: concurrent.futures.Future[pl.DataFrame] | None = None
+
+
 class Source(Protocol):
     """A live feed client or a replay: both deliver `Item`s on a bounded queue."""
 
@@ -198,6 +216,7 @@ class Pipeline:
         state_dir: Path | None = None,
         store: RowSink | None = None,
         notifier: AlertSink | None = None,
+        repair: TradeHistory | None = None,
         sink_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
         max_items: int = 2_000,
@@ -248,6 +267,10 @@ class Pipeline:
         self._sink_timeout = sink_timeout
         self._gaps_stored = 0
         self._problems_shown = 0
+        self.repair = repair
+        self._gaps_seen = 0
+        self._repairs: list[_Repair] = []
+        self._fetcher: concurrent.futures.ThreadPoolExecutor | None = None
 
     def warm(self, history: pl.DataFrame) -> int:
         """Seed the indicators and the filters with earlier final bars (see `BarEngine.warm`)
@@ -363,6 +386,8 @@ class Pipeline:
         if self.live:
             self._bars(self.engine.partial())
         self._store_gaps()
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
         if self.recorder is not None:
             self.recorder.close()
         self._save_fired()
@@ -544,6 +569,58 @@ class Pipeline:
             if routed:
                 self.notifier.offer(routed)
 
+    def _repair_gaps(self) -> None:
+        """Plan a repair for each new outage, fetch the missing trades once every bar it
+        touched is final, and put the rebuilt bars out as `revised`."""
+        if self.repair is None:
+            return
+        gaps = self.source.gaps
+        offset = self.engine.offset or 0
+        for gap in gaps[self._gaps_seen :]:
+            if gap.symbol not in self.symbols:
+                continue
+            for tf in self.engine.options.timeframes:
+                lo = (gap.start + offset) // tf * tf
+                hi = (gap.end + offset) // tf * tf + tf
+                self._repairs.append(_Repair(gap.symbol, tf, lo, hi))
+        self._gaps_seen = len(gaps)
+        lateness = self.engine.options.lateness
+        for job in list(self._repairs):
+            if job.future is None:
+                if self.engine.watermark < job.hi + lateness:
+                    continue
+                if self._fetcher is None:
+                    self._fetcher = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="polystream-repair"
+                    )
+                job.future = self._fetcher.submit(self._fetch, job)
+                continue
+            if not job.future.done():
+                continue
+            self._repairs.remove(job)
+            try:
+                trades = job.future.result()
+            except PolystreamError as exc:
+                self._status("error", f"gap repair of {job.symbol} failed: {exc}")
+                continue
+            records = self.engine.rebuild(job.symbol, job.tf, job.lo, job.hi, trades)
+            self._bars(records)
+            self._status(
+                "gap_repaired",
+                f"{job.symbol} {timeframe_name(job.tf)}: {records.height} bars rebuilt from "
+                f"{trades.height:,} trades",
+            )
+
+    def _fetch(self, job: _Repair) -> pl.DataFrame:
+        assert self.repair is not None
+        pages = list(self.repair.trades(job.symbol, job.lo, job.hi))
+        return pl.concat(pages) if pages else pl.DataFrame(schema=TRADE_SCHEMA)
+
+    def _status(self, event: str, detail: str) -> None:
+        notice = Notice(event, self._now_ms(), detail)
+        for out in self.outputs:
+            out.status(notice)
+
     def _store_gaps(self) -> None:
         gaps = self.source.gaps
         if self.store is None or len(gaps) <= self._gaps_stored:
@@ -673,6 +750,7 @@ class Pipeline:
             self._save_fired()
             self._store_gaps()
             self._check_sinks()
+        self._repair_gaps()
         snap = self.snapshot()
         for out in self.outputs:
             out.refresh(snap)

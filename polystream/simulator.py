@@ -546,6 +546,19 @@ def _bad_element(part: bytes) -> bytes:
     return _encode(event)
 
 
+def _rest_trade(data: bytes) -> dict[str, object]:
+    """A trade as the REST trades endpoint gives it: nanosecond timestamps, conditions, id."""
+    t = msgspec.json.decode(data)
+    return {
+        "conditions": t["c"],
+        "exchange": t["x"],
+        "id": t["i"],
+        "participant_timestamp": t["t"] * 1_000_000,
+        "price": t["p"],
+        "size": t["s"],
+    }
+
+
 class DemoFeed:
     """A Polygon-protocol crypto feed on loopback, with fault switches and counters for tests."""
 
@@ -560,6 +573,7 @@ class DemoFeed:
         api_key: str | None = None,
         auth_failed: bool = False,
         malformed_every: int = 0,
+        tape: list[dict[str, object]] | None = None,
     ) -> None:
         if not bar_seconds > 0 or not math.isfinite(bar_seconds):
             raise ValueError(f"bar_seconds must be a positive number, not {bar_seconds!r}.")
@@ -584,6 +598,9 @@ class DemoFeed:
         self._clients: set[_Client] = set()
         self._threads: list[threading.Thread] = []
         self._stall_until = 0.0
+        self._blackout_until = 0.0
+        # every trade sent or not, as the REST trades endpoint returns it (for gap repair tests)
+        self.tape = tape
         self._connections = 0
         self._auth_attempts = 0
         self._subscribe_messages: list[list[str]] = []
@@ -697,6 +714,13 @@ class DemoFeed:
         with self._lock:
             self._stall_until = max(self._stall_until, time.monotonic() + seconds)
 
+    def blackout(self, seconds: float) -> None:
+        """Drop every connection and refuse new ones for `seconds`, while the market (and the
+        tape) goes on: a real outage, which the client sees as a gap."""
+        with self._lock:
+            self._blackout_until = max(self._blackout_until, time.monotonic() + seconds)
+        self.drop_connections()
+
     def send_raw(self, text: str) -> None:
         """Send `text` as one text frame to every authenticated client."""
         with self._lock:
@@ -739,7 +763,7 @@ class DemoFeed:
     def _handle(self, ws: ServerConnection) -> None:
         with self._lock:
             self._connections += 1
-            if self._closing:
+            if self._closing or time.monotonic() < self._blackout_until:
                 return
             client = _Client(ws, self._connections)
             self._clients.add(client)
@@ -845,7 +869,9 @@ class DemoFeed:
             out: list[_Out] = []
             for symbol in self._symbols.values():
                 out.extend(symbol.advance(now, self._clock, emit))
-            if not out:
+            if self.tape is not None:
+                self.tape.extend(_rest_trade(data) for channel, _, data in out if channel == "XT")
+            if not out or now < self._blackout_until:
                 return
             for client in self._clients:
                 if not client.authenticated or client.dead:

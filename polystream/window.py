@@ -237,6 +237,67 @@ class BarEngine:
             return self._empty()
         return self._records(pl.concat(update_many(work), how="vertical_relaxed"), "final")
 
+    def rebuild(self, symbol: str, tf: int, lo: int, hi: int, trades: pl.DataFrame) -> pl.DataFrame:
+        """Gap repair: the bars of `symbol` at timeframe `tf` starting in [lo, hi), made again
+        from `trades` (every trade of that window, as the REST API has them), replace the ones
+        built while the feed was down. Only bars the indicators still hold can be rebuilt; they
+        come back as `revised` records (empty when there was nothing to rebuild)."""
+        key = (symbol, tf)
+        st = self._indicators.get(key)
+        if st is None or st.history is None:
+            return self._empty()
+        held = st.history.filter((pl.col("start") >= lo) & (pl.col("start") < hi))
+        if held.height == 0:
+            return self._empty()
+        lo = int(held["start"][0])
+        price, size, side = pl.col("price"), pl.col("size"), pl.col("side")
+        start = (pl.col("time") // tf * tf).alias("start")
+        mine = trades.filter(pl.col("symbol") == symbol).with_columns(start)
+        mine = mine.filter((pl.col("start") >= lo) & (pl.col("start") < hi))
+        built = mine.group_by("start", maintain_order=True).agg(
+            price.sort_by("time", maintain_order=True).first().alias("open"),
+            price.max().alias("high"),
+            price.min().alias("low"),
+            price.sort_by("time", maintain_order=True).last().alias("close"),
+            _units(size).sum().alias("volume"),
+            _units(price * size).sum().alias("pv"),
+            pl.len().cast(pl.Int64).alias("trades"),
+            _units(pl.when(side == 2).then(size).otherwise(0.0)).sum().alias("buy_volume"),
+            _units(pl.when(side == 1).then(size).otherwise(0.0)).sum().alias("sell_volume"),
+            pl.col("time").min().alias("first_t"),
+            pl.col("time").max().alias("last_t"),
+        )
+        grid = held.select("start").join(built, on="start", how="left")
+        before = st.history.filter(pl.col("start") < lo)
+        carry = float(before["close"][-1]) if before.height else None
+        empty = pl.col("trades").is_null()
+        closes = pl.col("close").forward_fill()
+        if carry is not None:
+            closes = closes.fill_null(carry)
+        bars = (
+            grid.with_columns(
+                pl.lit(symbol).alias("symbol"), pl.lit(tf, pl.Int64).alias("tf"), closes.alias("_c")
+            )
+            .with_columns(
+                *(
+                    pl.when(empty).then(pl.col("_c")).otherwise(pl.col(c)).alias(c)
+                    for c in ("open", "high", "low", "close")
+                ),
+                *(pl.col(c).fill_null(0) for c in ("volume", "pv", "buy_volume", "sell_volume")),
+                pl.col("trades").fill_null(0),
+            )
+            .filter(pl.col("close").is_not_null())
+            .select(STATE_SCHEMA.keys())
+        )
+        if bars.height == 0:
+            return self._empty()
+        computed = st.revise(bars.select(pl.col(k).cast(v) for k, v in STATE_SCHEMA.items()))
+        last = self._last.get(key)
+        if last is not None and last[0] == int(computed["start"][-1]):
+            self._last[key] = (last[0], float(computed["close"][-1]))
+        self.stats.revised += computed.height
+        return self._records(computed, "revised")
+
     # -- core --------------------------------------------------------------------------------
 
     def _ingest(

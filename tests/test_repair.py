@@ -1,0 +1,95 @@
+"""Gap repair as a user meets it: the loopback feed goes dark for seconds while its trades go
+on, the local REST API holds them, and `watch` rebuilds the bars the outage touched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+from polystream.batch import TRADE_SCHEMA
+from polystream.simulator import DemoFeed
+from polystream.window import BarEngine, BarOptions
+from test_cli import env, records, run
+from test_rest import KEY, FakeMassive, api  # noqa: F401  (the fixture is used by name)
+
+FIELDS = ("open", "high", "low", "close", "volume", "trades", "buy_volume", "sell_volume")
+
+
+def reference_bars(tape: list[dict[str, object]]) -> dict[int, dict[str, object]]:
+    """1s bars made from every trade the feed generated, delivered or not."""
+    ms = [int(t["participant_timestamp"]) // 1_000_000 for t in tape]  # type: ignore[call-overload]
+    trades = pl.DataFrame(
+        {
+            "symbol": ["X:BTCUSD"] * len(tape),
+            "time": ms,
+            "price": [t["price"] for t in tape],
+            "size": [t["size"] for t in tape],
+            "side": [t["conditions"][0] for t in tape],  # type: ignore[index]
+            "exchange": [t["exchange"] for t in tape],
+            "trade_id": [t["id"] for t in tape],
+            "received": ms,
+        },
+        schema=TRADE_SCHEMA,
+    )
+    engine = BarEngine(BarOptions(timeframes=(1_000,)))
+    bars = pl.concat([engine.add_trades(trades), engine.finish()])
+    return {r["start"]: r for r in bars.iter_rows(named=True)}
+
+
+def test_an_outage_is_repaired_to_the_bars_of_a_run_without_it(
+    tmp_path: Path,
+    database_url: str,
+    api: FakeMassive,  # noqa: F811
+) -> None:
+    assert run(tmp_path, "migrate", DATABASE_URL=database_url).returncode == 0
+    tape: list[dict[str, object]] = []
+    api.trade_rows["X:BTCUSD"] = tape  # the REST API knows every trade the feed made
+    api.page_size = 100_000
+    (tmp_path / "filters").mkdir()
+    with DemoFeed(api_key=KEY, tape=tape, seed=5, events_per_second=40) as feed:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "polystream", "watch", "X:BTCUSD", "--feed", feed.url,
+                "-t", "1s", "--json", "--no-ui", "--no-warmup", "--duration", "26",
+            ],
+            cwd=tmp_path,
+            env=env(
+                tmp_path,
+                POLYGON_API_KEY=KEY,
+                POLYGON_REST_URL=api.url,
+                DATABASE_URL=database_url,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(6)
+            feed.blackout(4)
+            out, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    recs = records(out)
+    statuses = [r for r in recs if r["type"] == "status"]
+    gaps = [r for r in statuses if r["event"] == "gap"]
+    repaired = [r for r in statuses if r["event"] == "gap_repaired"]
+    assert gaps, statuses
+    assert repaired and "bars rebuilt from" in str(repaired[0]["detail"]), statuses
+    latest: dict[int, dict[str, object]] = {}
+    for r in recs:
+        if r["type"] == "bar" and r["state"] in ("final", "revised"):
+            latest[int(r["start"])] = r  # type: ignore[call-overload]
+    revised = {int(r["start"]) for r in recs if r.get("state") == "revised"}  # type: ignore[call-overload]
+    assert len(revised) >= 4  # the outage lasted seconds
+    reference = reference_bars(tape)
+    starts = sorted(latest)[1:]  # the first bar began before the run did
+    assert min(revised) > starts[0] and max(revised) < starts[-1]
+    for start in starts:
+        got, want = latest[start], reference[start]
+        assert {f: got[f] for f in FIELDS} == {f: want[f] for f in FIELDS}, start

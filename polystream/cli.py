@@ -215,8 +215,8 @@ def watch(
             notifier=alert_sink,
             repair=_repairer(settings, feed, row_sink),
         )
-        if warmup and row_sink is not None and pipeline.live:
-            _warm(pipeline, _database_url(settings), normalized, timeframes)
+        if warmup and pipeline.live:
+            _warm(pipeline, settings, row_sink is not None, feed, normalized, timeframes)
         result = pipeline.run(duration)
     if result.interrupted:
         raise typer.Exit(130)
@@ -323,10 +323,38 @@ def _repairer(settings: Settings, feed: str, store: Store | None) -> RestClient 
 WARMUP_BARS = 300
 
 
-def _warm(pipeline: Pipeline, url: str, symbols: list[str], timeframes: tuple[int, ...]) -> None:
-    from .store import recent_bars
+def _warm(
+    pipeline: Pipeline,
+    settings: Settings,
+    stored: bool,
+    feed: str,
+    symbols: list[str],
+    timeframes: tuple[int, ...],
+) -> None:
+    """Seed the indicators: from the database when storing, else over REST when a live Polygon
+    feed has a key; nothing for the demo feed."""
+    now = int(time.time() * 1000)
+    if stored:
+        from .store import recent_bars
 
-    history = recent_bars(url, symbols, timeframes, WARMUP_BARS, int(time.time() * 1000))
+        history = recent_bars(_database_url(settings), symbols, timeframes, WARMUP_BARS, now)
+    elif settings.api_key and (feed == "polygon" or feed.startswith(("ws://", "wss://"))):
+        from . import rest
+
+        client = rest.RestClient(settings.rest_url, settings.api_key)
+        pages = []
+        for symbol in symbols:
+            for tf in timeframes:
+                end = now // tf * tf
+                for page in client.aggregates(
+                    symbol, tf, end - WARMUP_BARS * tf, end, allow_empty=True
+                ):
+                    pages.append(rest.bar_records(page, tf))
+        if not pages:
+            return
+        history = pl.concat(pages)
+    else:
+        return
     pipeline.warm(history)
 
 

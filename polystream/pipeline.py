@@ -142,9 +142,14 @@ class AlertSink(Protocol):
 
 
 class TradeHistory(Protocol):
-    """Where missing trades come from (the REST API): every trade of a symbol in [start, end)."""
+    """Where missing data comes from (the REST API): every trade of a symbol in [start, end),
+    or, when trades are not in the plan, its aggregates of a timeframe."""
 
     def trades(self, symbol: str, start_ms: int, end_ms: int) -> Iterable[pl.DataFrame]: ...
+
+    def aggregates(
+        self, symbol: str, timeframe_ms: int, start_ms: int, end_ms: int
+    ) -> Iterable[pl.DataFrame]: ...
 
 
 class _Repair(msgspec.Struct):
@@ -155,7 +160,8 @@ class _Repair(msgspec.Struct):
     tf: int
     lo: int
     hi: int
-    future: concurrent.futures.Future[pl.DataFrame] | None = None
+    # (trades, or None when only aggregates could be had, and those aggregates)
+    future: concurrent.futures.Future[tuple[pl.DataFrame | None, pl.DataFrame]] | None = None
 
 
 class Source(Protocol):
@@ -599,22 +605,38 @@ class Pipeline:
                 continue
             self._repairs.remove(job)
             try:
-                trades = job.future.result()
+                trades, aggs = job.future.result()
             except PolystreamError as exc:
                 self._status("error", f"gap repair of {job.symbol} failed: {exc}")
                 continue
-            records = self.engine.rebuild(job.symbol, job.tf, job.lo, job.hi, trades)
+            if trades is not None:
+                records = self.engine.rebuild(job.symbol, job.tf, job.lo, job.hi, trades)
+                source = f"{trades.height:,} trades"
+            else:
+                records = self.engine.rebuild_from_aggregates(
+                    job.symbol, job.tf, job.lo, job.hi, aggs
+                )
+                source = f"{aggs.height:,} aggregates (trades are not in the plan)"
             self._bars(records)
             self._status(
                 "gap_repaired",
                 f"{job.symbol} {timeframe_name(job.tf)}: {records.height} bars rebuilt from "
-                f"{trades.height:,} trades",
+                f"{source}",
             )
 
-    def _fetch(self, job: _Repair) -> pl.DataFrame:
+    def _fetch(self, job: _Repair) -> tuple[pl.DataFrame | None, pl.DataFrame]:
+        """On the repair thread: the outage's trades, or its aggregates when the plan lacks
+        trades."""
+        from .rest import NotEntitled
+
         assert self.repair is not None
-        pages = list(self.repair.trades(job.symbol, job.lo, job.hi))
-        return pl.concat(pages) if pages else pl.DataFrame(schema=TRADE_SCHEMA)
+        try:
+            pages = list(self.repair.trades(job.symbol, job.lo, job.hi))
+        except NotEntitled:
+            aggs = list(self.repair.aggregates(job.symbol, job.tf, job.lo, job.hi))
+            return None, pl.concat(aggs) if aggs else pl.DataFrame()
+        trades = pl.concat(pages) if pages else pl.DataFrame(schema=TRADE_SCHEMA)
+        return trades, pl.DataFrame()
 
     def _status(self, event: str, detail: str) -> None:
         notice = Notice(event, self._now_ms(), detail)

@@ -267,6 +267,47 @@ class BarEngine:
             pl.col("time").min().alias("first_t"),
             pl.col("time").max().alias("last_t"),
         )
+        return self._replace(key, held, built)
+
+    def rebuild_from_aggregates(
+        self, symbol: str, tf: int, lo: int, hi: int, aggs: pl.DataFrame
+    ) -> pl.DataFrame:
+        """Gap repair without trades (the plan does not include them): like `rebuild`, from the
+        REST API's aggregates of this timeframe (time, open, high, low, close, volume, vwap,
+        trades); buy and sell volume are unknown (0)."""
+        key = (symbol, tf)
+        st = self._indicators.get(key)
+        if st is None or st.history is None:
+            return self._empty()
+        held = st.history.filter((pl.col("start") >= lo) & (pl.col("start") < hi))
+        if held.height == 0:
+            return self._empty()
+        vwap = pl.col("vwap").fill_null(pl.col("close"))
+        built = aggs.select(
+            pl.col("time").alias("start"),
+            "open",
+            "high",
+            "low",
+            "close",
+            _units(pl.col("volume")).alias("volume"),
+            _units(vwap * pl.col("volume")).alias("pv"),
+            pl.col("trades").cast(pl.Int64),
+            pl.lit(0, pl.Int128).alias("buy_volume"),
+            pl.lit(0, pl.Int128).alias("sell_volume"),
+            pl.col("time").alias("first_t"),
+            (pl.col("time") + tf - 1).alias("last_t"),
+        )
+        return self._replace(key, held, built)
+
+    def _replace(
+        self, key: tuple[str, int], held: pl.DataFrame, built: pl.DataFrame
+    ) -> pl.DataFrame:
+        """Put `built` bars in place of the `held` ones (empty buckets become zero-volume bars
+        at the previous close) and emit them as `revised`."""
+        symbol, tf = key
+        st = self._indicators[key]
+        assert st.history is not None
+        lo = int(held["start"][0])
         grid = held.select("start").join(built, on="start", how="left")
         before = st.history.filter(pl.col("start") < lo)
         carry = float(before["close"][-1]) if before.height else None

@@ -93,3 +93,70 @@ def test_an_outage_is_repaired_to_the_bars_of_a_run_without_it(
     for start in starts:
         got, want = latest[start], reference[start]
         assert {f: got[f] for f in FIELDS} == {f: want[f] for f in FIELDS}, start
+
+
+def test_without_trades_in_the_plan_the_aggregates_rebuild_the_bars() -> None:
+    engine = BarEngine(BarOptions(timeframes=(1_000,), lateness=0))
+    t0 = 1_700_000_000_000
+    before = pl.DataFrame(
+        [("X:BTCUSD", t0 + 100, 100.0, 1.0, 2, 1, "a", t0 + 105)],
+        schema=list(TRADE_SCHEMA.items()),
+        orient="row",
+    )
+    engine.add_trades(before)
+    # the feed is silent for four seconds: the clock closes them as zero-volume bars
+    quiet = engine.advance(t0 + 5_000 - (engine.offset or 0))
+    assert quiet.filter(pl.col("trades") == 0).height == 4
+    aggs = pl.DataFrame(
+        {
+            "time": [t0 + 2_000, t0 + 3_000],
+            "open": [101.0, 103.0],
+            "high": [102.5, 104.0],
+            "low": [100.5, 102.0],
+            "close": [102.0, 103.5],
+            "volume": [3.0, 0.5],
+            "vwap": [101.5, 103.2],
+            "trades": [9, 2],
+        }
+    )
+    rebuilt = engine.rebuild_from_aggregates("X:BTCUSD", 1_000, t0 + 1_000, t0 + 5_000, aggs)
+    got = {r["start"] - t0: r for r in rebuilt.iter_rows(named=True)}
+    assert sorted(got) == [1_000, 2_000, 3_000, 4_000]
+    assert {r["state"] for r in got.values()} == {"revised"}
+    assert (got[2_000]["open"], got[2_000]["close"], got[2_000]["volume"]) == (101.0, 102.0, 3.0)
+    assert got[2_000]["trades"] == 9 and got[3_000]["vwap"] == 103.2
+    # buckets the API has no aggregate for stay empty, at the previous close
+    assert got[1_000]["trades"] == 0 and got[1_000]["close"] == 100.0
+    assert got[4_000]["trades"] == 0 and got[4_000]["open"] == 103.5
+
+
+def test_without_a_database_the_warm_up_comes_over_rest(
+    tmp_path: Path,
+    api: FakeMassive,  # noqa: F811
+) -> None:
+    now = int(time.time()) * 1000
+    api.page_size = 50
+    price = 4_090.0
+    history: dict[int, dict[str, object]] = {}
+    for k in range(120, 0, -1):
+        start = now - k * 1000
+        price += 0.6 if k % 3 else -0.9
+        history[start] = {
+            "t": start, "o": price, "h": price + 0.4, "l": price - 0.4, "c": price,
+            "v": 1.2, "vw": price, "n": 5,
+        }  # fmt: skip
+    api.bars["X:BTCUSD"] = history
+    (tmp_path / "filters").mkdir()
+    with DemoFeed(api_key=KEY, seed=2, events_per_second=40) as feed:
+        result = run(
+            tmp_path, "watch", "X:BTCUSD", "--feed", feed.url, "-t", "1s", "--json", "--no-ui",
+            "--duration", "4", POLYGON_API_KEY=KEY, POLYGON_REST_URL=api.url,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    recs = records(result.stdout)
+    warmed = [r for r in recs if r["type"] == "status" and r["event"] == "warmed"]
+    assert warmed and str(warmed[0]["detail"]).startswith("120 "), warmed
+    first = next(r for r in recs if r["type"] == "bar" and r["state"] == "final")
+    indicators = [k for k in list(first)[list(first).index("state") + 1 :] if k != "flow_imbalance"]
+    assert all(first[k] is not None for k in indicators), first
+    assert KEY not in result.stdout + result.stderr

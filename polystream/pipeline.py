@@ -612,6 +612,9 @@ class Pipeline:
             if trades is not None:
                 records = self.engine.rebuild(job.symbol, job.tf, job.lo, job.hi, trades)
                 source = f"{trades.height:,} trades"
+                if self.store is not None and trades.height:
+                    # the trades the outage kept from us; those already stored are skipped
+                    self.store.offer("trades", trades)
             else:
                 records = self.engine.rebuild_from_aggregates(
                     job.symbol, job.tf, job.lo, job.hi, aggs

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import psycopg
 
 from polystream.batch import TRADE_SCHEMA
 from polystream.simulator import DemoFeed
@@ -93,6 +94,17 @@ def test_an_outage_is_repaired_to_the_bars_of_a_run_without_it(
     for start in starts:
         got, want = latest[start], reference[start]
         assert {f: got[f] for f in FIELDS} == {f: want[f] for f in FIELDS}, start
+    # every trade of the repaired window is stored once: those received live, and those the
+    # outage withheld, from the repair
+    lo, hi = min(revised), max(revised) + 1_000
+    every = {str(t["id"]) for t in tape if lo <= int(t["participant_timestamp"]) // 10**6 < hi}  # type: ignore[call-overload]
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT trade_id FROM trades"
+            " WHERE time >= to_timestamp(%s) AND time < to_timestamp(%s)",
+            (lo / 1000, hi / 1000),
+        ).fetchall()
+    assert sorted(r[0] for r in rows) == sorted(every)
 
 
 def test_without_trades_in_the_plan_the_aggregates_rebuild_the_bars() -> None:

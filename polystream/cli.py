@@ -18,6 +18,7 @@ from typer.exceptions import TyperException
 from . import __version__, display
 from .cli_filters import filter_app
 from .config import (
+    DEFAULT_REST_URL,
     Settings,
     check_url,
     load_settings,
@@ -307,11 +308,19 @@ def _notifier(settings: Settings, wanted: bool | None) -> TelegramNotifier | Non
     )
 
 
+def _has_rest(settings: Settings, feed: str) -> bool:
+    """Whether this feed comes with a REST API to ask for history: the Polygon feed with a key,
+    or another WebSocket feed when POLYGON_REST_URL names its REST server."""
+    if not settings.api_key:
+        return False
+    if feed == "polygon":
+        return True
+    return feed.startswith(("ws://", "wss://")) and settings.rest_url != DEFAULT_REST_URL
+
+
 def _repairer(settings: Settings, feed: str, store: Store | None) -> RestClient | None:
-    """Gap repair needs the REST API and somewhere the repaired bars go: a live Polygon feed,
-    a key and storage."""
-    live_polygon = feed == "polygon" or feed.startswith(("ws://", "wss://"))
-    if store is None or not settings.api_key or not live_polygon:
+    """Gap repair needs the REST API and somewhere the repaired bars go."""
+    if store is None or not _has_rest(settings, feed) or settings.api_key is None:
         return None
     from .rest import RestClient
 
@@ -338,18 +347,25 @@ def _warm(
         from .store import recent_bars
 
         history = recent_bars(_database_url(settings), symbols, timeframes, WARMUP_BARS, now)
-    elif settings.api_key and (feed == "polygon" or feed.startswith(("ws://", "wss://"))):
+    elif _has_rest(settings, feed):
         from . import rest
 
-        client = rest.RestClient(settings.rest_url, settings.api_key)
+        # a few quick retries: the run must not wait minutes for history it can do without
+        client = rest.RestClient(
+            settings.rest_url, str(settings.api_key), max_retries=2, backoff_max=2.0, timeout=10
+        )
         pages = []
-        for symbol in symbols:
-            for tf in timeframes:
-                end = now // tf * tf
-                for page in client.aggregates(
-                    symbol, tf, end - WARMUP_BARS * tf, end, allow_empty=True
-                ):
-                    pages.append(rest.bar_records(page, tf))
+        try:
+            for symbol in symbols:
+                for tf in timeframes:
+                    end = now // tf * tf
+                    for page in client.aggregates(
+                        symbol, tf, end - WARMUP_BARS * tf, end, allow_empty=True
+                    ):
+                        pages.append(rest.bar_records(page, tf))
+        except PolystreamError as exc:
+            display.note(f"no warm-up over REST ({exc}); the indicators warm up live", "yellow")
+            return
         if not pages:
             return
         history = pl.concat(pages)

@@ -15,7 +15,7 @@ from polystream.batch import TRADE_SCHEMA
 from polystream.simulator import DemoFeed
 from polystream.window import BarEngine, BarOptions
 from test_cli import env, records, run
-from test_rest import KEY, FakeMassive, api  # noqa: F401  (the fixture is used by name)
+from test_rest import KEY, FakeMassive, Reply, api  # noqa: F401  (the fixture is used by name)
 
 FIELDS = ("open", "high", "low", "close", "volume", "trades", "buy_volume", "sell_volume")
 
@@ -172,3 +172,21 @@ def test_without_a_database_the_warm_up_comes_over_rest(
     indicators = [k for k in list(first)[list(first).index("state") + 1 :] if k != "flow_imbalance"]
     assert all(first[k] is not None for k in indicators), first
     assert KEY not in result.stdout + result.stderr
+
+
+def test_a_failing_rest_api_costs_the_warm_up_not_the_run(
+    tmp_path: Path,
+    api: FakeMassive,  # noqa: F811
+) -> None:
+    api.always = Reply(503, {"status": "ERROR", "error": "down for maintenance"})
+    (tmp_path / "filters").mkdir()
+    began = time.monotonic()
+    with DemoFeed(api_key=KEY, seed=2, events_per_second=40) as feed:
+        result = run(
+            tmp_path, "watch", "X:BTCUSD", "--feed", feed.url, "-t", "1s", "--json", "--no-ui",
+            "--duration", "3", POLYGON_API_KEY=KEY, POLYGON_REST_URL=api.url,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "no warm-up over REST" in result.stderr and KEY not in result.stderr
+    assert time.monotonic() - began < 30
+    assert any(r["type"] == "bar" for r in records(result.stdout))

@@ -94,6 +94,25 @@ def _amount(x: pl.Expr) -> pl.Expr:
     return x.cast(pl.Float64) / pl.col("_units")
 
 
+def _trade_partials(trades: pl.DataFrame) -> pl.DataFrame:
+    """One partial bar per trade (symbol, time, received, OHLC, exact volumes)."""
+    price, size, side = pl.col("price"), pl.col("size"), pl.col("side")
+    return trades.select(
+        "symbol",
+        "time",
+        "received",
+        price.alias("open"),
+        price.alias("high"),
+        price.alias("low"),
+        price.alias("close"),
+        _units(size).alias("volume"),
+        _units(price * size).alias("pv"),
+        pl.lit(1, pl.Int64).alias("trades"),
+        _units(pl.when(side == 2).then(size).otherwise(0.0)).alias("buy_volume"),
+        _units(pl.when(side == 1).then(size).otherwise(0.0)).alias("sell_volume"),
+    )
+
+
 def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
     """Combine partial bars with the same key; open and close by event time, then arrival."""
     # Casting to the schema is free when the dtypes already match, and lets a plain vertical
@@ -131,22 +150,7 @@ class BarEngine:
         """Trades (symbol, time, price, size, side, received) in arrival order → emitted bars."""
         if trades.height == 0:
             return self._empty()
-        price, size, side = pl.col("price"), pl.col("size"), pl.col("side")
-        partials = trades.select(
-            "symbol",
-            "time",
-            "received",
-            price.alias("open"),
-            price.alias("high"),
-            price.alias("low"),
-            price.alias("close"),
-            _units(size).alias("volume"),
-            _units(price * size).alias("pv"),
-            pl.lit(1, pl.Int64).alias("trades"),
-            _units(pl.when(side == 2).then(size).otherwise(0.0)).alias("buy_volume"),
-            _units(pl.when(side == 1).then(size).otherwise(0.0)).alias("sell_volume"),
-        )
-        return self._ingest(partials)
+        return self._ingest(_trade_partials(trades))
 
     def add_aggregates(self, aggs: pl.DataFrame) -> pl.DataFrame:
         """The feed's XA/XAS aggregates as the bar source (`--bars polygon`) → emitted bars.
@@ -243,30 +247,21 @@ class BarEngine:
         built while the feed was down. Only bars the indicators still hold can be rebuilt; they
         come back as `revised` records (empty when there was nothing to rebuild)."""
         key = (symbol, tf)
-        st = self._indicators.get(key)
-        if st is None or st.history is None:
+        held = self._held(key, lo, hi)
+        if held is None:
             return self._empty()
-        held = st.history.filter((pl.col("start") >= lo) & (pl.col("start") < hi))
-        if held.height == 0:
-            return self._empty()
-        lo = int(held["start"][0])
-        price, size, side = pl.col("price"), pl.col("size"), pl.col("side")
         start = (pl.col("time") // tf * tf).alias("start")
-        mine = trades.filter(pl.col("symbol") == symbol).with_columns(start)
-        mine = mine.filter((pl.col("start") >= lo) & (pl.col("start") < hi))
-        built = mine.group_by("start", maintain_order=True).agg(
-            price.sort_by("time", maintain_order=True).first().alias("open"),
-            price.max().alias("high"),
-            price.min().alias("low"),
-            price.sort_by("time", maintain_order=True).last().alias("close"),
-            _units(size).sum().alias("volume"),
-            _units(price * size).sum().alias("pv"),
-            pl.len().cast(pl.Int64).alias("trades"),
-            _units(pl.when(side == 2).then(size).otherwise(0.0)).sum().alias("buy_volume"),
-            _units(pl.when(side == 1).then(size).otherwise(0.0)).sum().alias("sell_volume"),
-            pl.col("time").min().alias("first_t"),
-            pl.col("time").max().alias("last_t"),
+        rows = (
+            _trade_partials(trades.filter(pl.col("symbol") == symbol))
+            .with_columns(
+                start,
+                pl.lit(tf, pl.Int64).alias("tf"),
+                pl.col("time").alias("first_t"),
+                pl.col("time").alias("last_t"),
+            )
+            .filter(pl.col("start").is_between(int(held["start"][0]), hi, closed="left"))
         )
+        built = _merge([rows]).drop("symbol", "tf")
         return self._replace(key, held, built)
 
     def rebuild_from_aggregates(
@@ -276,11 +271,8 @@ class BarEngine:
         REST API's aggregates of this timeframe (time, open, high, low, close, volume, vwap,
         trades); buy and sell volume are unknown (0)."""
         key = (symbol, tf)
-        st = self._indicators.get(key)
-        if st is None or st.history is None:
-            return self._empty()
-        held = st.history.filter((pl.col("start") >= lo) & (pl.col("start") < hi))
-        if held.height == 0:
+        held = self._held(key, lo, hi)
+        if held is None:
             return self._empty()
         vwap = pl.col("vwap").fill_null(pl.col("close"))
         built = aggs.select(
@@ -298,6 +290,14 @@ class BarEngine:
             (pl.col("time") + tf - 1).alias("last_t"),
         )
         return self._replace(key, held, built)
+
+    def _held(self, key: tuple[str, int], lo: int, hi: int) -> pl.DataFrame | None:
+        """The bars of `key` starting in [lo, hi) that the indicators still hold, or None."""
+        st = self._indicators.get(key)
+        if st is None or st.history is None:
+            return None
+        held = st.history.filter(pl.col("start").is_between(lo, hi, closed="left"))
+        return held if held.height else None
 
     def _replace(
         self, key: tuple[str, int], held: pl.DataFrame, built: pl.DataFrame

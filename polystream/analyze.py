@@ -400,7 +400,7 @@ def _times(raw: pl.Series, name: str, path: Path) -> tuple[pl.Series, list[_Prob
     iso = ~blank & floats.is_null()
     if iso.any():
         candidates = zip(text.to_list(), iso.to_list(), strict=True)
-        from_text = pl.Series([_iso_ms(t) if c else None for t, c in candidates], dtype=pl.Int64)
+        from_text = pl.Series([iso_ms(t) if c else None for t, c in candidates], dtype=pl.Int64)
         ms = ms.fill_null(from_text)
         form = form.zip_with(~iso, pl.Series([_ISO] * n, dtype=form.dtype))
 
@@ -427,7 +427,7 @@ def _times(raw: pl.Series, name: str, path: Path) -> tuple[pl.Series, list[_Prob
     ]
 
 
-def _iso_ms(text: str) -> int | None:
+def iso_ms(text: str) -> int | None:
     """Epoch milliseconds of ISO 8601 text (UTC when it has no offset), None if it is not."""
     try:
         moment = datetime.fromisoformat(text)

@@ -393,18 +393,15 @@ _OUTPUT_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 
 def _when(text: str, option: str) -> int:
     """Epoch ms from a date (`2024-05-29`, midnight UTC) or an ISO date and time (UTC unless
-    it names an offset)."""
-    import datetime as dt
+    it names an offset), read as `analyze` reads times."""
+    from .analyze import iso_ms
 
-    try:
-        value = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
+    ms = iso_ms(text.strip())
+    if ms is None:
         raise ConfigError(
             f"Invalid date {text!r} for {option}: write it like 2024-05-29 or 2024-05-29T13:30."
-        ) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return int(value.timestamp() * 1000)
+        )
+    return ms
 
 
 @app.command()

@@ -49,6 +49,46 @@ Run from the project root:
 
 The defaults (2 M events timed, 10 M for memory, 50 filters) take about six minutes, most of it
 writing the recordings. The exit code is always 0: this reports numbers, it does not gate anything.
+
+With `--command`, it runs none of the above and times instead the real command as a user runs
+it, against a plain msgspec decode of the same frames in the same run:
+
+- the command: ``polystream watch X:BTCUSD X:ETHUSD X:SOLUSD --feed REC --no-ui --json -t 1s
+  -t 1m -t 5m --filters EMPTY_DIR``, started as a new process with stdout to /dev/null and stderr
+  on a pseudo-terminal that a thread drains (so its human-readable lines are rendered for a
+  terminal, as a user sees them), from a fresh empty working directory (no ./filters, no .env)
+  with an empty filters directory, POLYSTREAM_STATE_DIR set to a fresh empty directory, and
+  this environment without DATABASE_URL, POLYGON_*, MASSIVE_*, TELEGRAM_*, POLYSTREAM_*,
+  PYTHONPATH and PYTHONHOME: so 0 filters, no storage, no notifier. Its wall time runs from just
+  before the process starts to its exit, start-up included. Each run must exit 0 and its final
+  summary line must name the number of events the plain decode counted; a run that does not is
+  reported with the terminal's last lines and not counted. Each run also reports its start-up
+  (to its first output), CPU time (``wait4``) and peak RSS (VmHWM from /proc/PID/status, read
+  every 50 ms; ``ru_maxrss`` would not do, since exec carries the parent's peak over);
+- the plain decode: every frame of the recording read into memory beforehand with
+  ``read_recording`` (untimed), then ``msgspec.json.Decoder(list[polystream.events.Event])``,
+  built once, decoding them one call per frame;
+- best of `--repeat` each, in alternating rounds so that the machine's noise hits both; their
+  events/s and the ratio command / decode, against the targets: >= 750,000 events/s and a ratio
+  >= 0.3. `--baseline EXE` times a second polystream executable in the same rounds and prints its
+  rate, its ratio to the decode and the speed-up of `--polystream` over it;
+- memory: the command once over `--memory-events` events (10 M by default, 0 skips it), with the
+  child's VmRSS read every 0.5 s, shown at ten evenly spaced checkpoints of the run's wall time;
+  flat means a growth of at most `--flat-mib` from the first checkpoint sampled after start-up
+  to the last.
+
+The recordings (`--events` and `--memory-events` events, this file's generator) are written to
+`--tmp` (default: the system's temporary directory) under a name made of their event count, seed
+and rate, and kept there: a later run with the same parameters reuses them (a 10 M one is about
+1.2 GB). `--recording FILE` times over a given recording instead. The command mode needs only
+`polystream.events` and `polystream.record` (and `polystream.source` for the writer) from the
+package, not the in-process API the sections above use, nor bench_decode:
+
+    python benchmarks/bench_engine.py --command [--events N] [--memory-events M] [--repeat R]
+        [--polystream EXE] [--baseline EXE] [--recording FILE] [--tmp DIR] [--cpu C]
+
+`--polystream` defaults to the `polystream` script beside this Python. The command is not pinned
+unless `--cpu` is given (then this process and, by inheritance, the command run on that CPU).
 """
 
 from __future__ import annotations
@@ -61,28 +101,44 @@ import math
 import os
 import platform
 import random
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import polars as pl
-from bench_decode import cpu_model, fmt_rate, version
 
-from polystream.batch import Batcher
-from polystream.config import timeframe_name
-from polystream.decode import Decoder
-from polystream.filters import Alert, Filter, FilterEngine, parse_filter
-from polystream.pipeline import Output, Pipeline, Snapshot
-from polystream.record import Recorder, ReplaySource, read_recording
-from polystream.source import EndOfStream, Frame, Frames, Notice
-from polystream.window import BarEngine, BarOptions
+from polystream.events import Event
+from polystream.record import Recorder, read_recording
+from polystream.source import Frame
+
+# What only the in-process sections use. `--command` runs without these modules, so that it works
+# whatever becomes of their API (or of the environment bench_decode needs).
+try:
+    from bench_decode import cpu_model, fmt_rate, version
+
+    from polystream.batch import Batcher
+    from polystream.config import timeframe_name
+    from polystream.decode import Decoder
+    from polystream.filters import Alert, Filter, FilterEngine, parse_filter
+    from polystream.pipeline import Output, Pipeline, Snapshot
+    from polystream.record import ReplaySource
+    from polystream.source import EndOfStream, Frames, Notice
+    from polystream.window import BarEngine, BarOptions
+except Exception as exc:  # a package half-way through a change can fail in any way on import
+    IN_PROCESS_IMPORT_ERROR: Exception | None = exc
+else:
+    IN_PROCESS_IMPORT_ERROR = None
 
 TARGET_EVENTS_PER_S = 500_000
 FILTERS_MIN_RATIO = 0.70  # events/s with the filters over events/s without
@@ -875,6 +931,531 @@ def filters_section(path: Path, info: StreamInfo, k: int, repeat: int) -> Filter
     return FilterResult(k, rate, baseline, ratio, delivered, ok)
 
 
+# --- the command, as a user runs it ---------------------------------------------------------------
+
+COMMAND_TARGET_EVENTS_PER_S = 750_000
+COMMAND_MIN_RATIO = 0.30  # the command's events/s over a plain msgspec decode's, same frames
+COMMAND_SYMBOLS = ("X:BTCUSD", "X:ETHUSD", "X:SOLUSD")
+COMMAND_TIMEFRAMES = ("1s", "1m", "5m")
+# Nothing from the bench's own environment that would switch on storage, notifications, a live
+# feed, another filters or state directory, or another copy of the package.
+CLEARED_PREFIXES = ("POLYGON_", "MASSIVE_", "TELEGRAM_", "POLYSTREAM_")
+CLEARED_VARIABLES = ("DATABASE_URL", "PYTHONPATH", "PYTHONHOME")
+PEAK_SAMPLE_S = 0.05  # how often the throughput rounds read the child's VmHWM
+MEMORY_SAMPLE_S = 0.5  # how often the memory run reads the child's VmRSS
+CHECKPOINTS = 10
+TERMINAL_KEEP = 32 * 1024  # bytes of the terminal's output kept for its tail
+# CSI and OSC sequences and two-byte escapes: what a terminal renders but a report should not show.
+ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+EVENTS_NAMED = re.compile(r"(\d[\d,]*)\s+events\b")
+
+
+def clean_environment() -> tuple[dict[str, str], list[str]]:
+    """This process's environment without the variables that would change what the run does; the
+    names of those dropped (never their values)."""
+    env: dict[str, str] = {}
+    dropped: list[str] = []
+    for name, value in os.environ.items():
+        if name.startswith(CLEARED_PREFIXES) or name in CLEARED_VARIABLES:
+            dropped.append(name)
+        else:
+            env[name] = value
+    env.setdefault("TERM", "xterm-256color")
+    return env, sorted(dropped)
+
+
+def watch_argv(executable: Path, recording: Path, filters: Path) -> list[str]:
+    argv = [str(executable), "watch", *COMMAND_SYMBOLS, "--feed", str(recording), "--no-ui"]
+    argv.append("--json")
+    for tf in COMMAND_TIMEFRAMES:
+        argv += ["-t", tf]
+    return [*argv, "--filters", str(filters)]
+
+
+class TerminalDrain(threading.Thread):
+    """Reads the pseudo-terminal's master side until every writer has closed the other side,
+    as a terminal would, keeping the last `TERMINAL_KEEP` bytes and when the first one came."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="bench-terminal", daemon=True)
+        self.fd = fd
+        self.first: float | None = None  # perf_counter of the first output
+        self.bytes = 0
+        self.lines = 0
+        self.kept = bytearray()
+
+    def run(self) -> None:
+        kept = self.kept
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:  # EIO: nothing holds the terminal open any more
+                break
+            if not chunk:
+                break
+            if self.first is None:
+                self.first = time.perf_counter()
+            self.bytes += len(chunk)
+            self.lines += chunk.count(b"\n")
+            kept += chunk
+            if len(kept) > 2 * TERMINAL_KEEP:
+                del kept[:-TERMINAL_KEEP]
+
+    def tail(self, n: int) -> list[str]:
+        """The last `n` non-blank lines as a terminal shows them, escape sequences removed."""
+        text = ESCAPES.sub("", self.kept.decode("utf-8", "replace"))
+        # A bare carriage return redraws its line: what follows the last one is what is shown.
+        lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+        return [line for line in lines if line.strip()][-n:]
+
+
+class StatusSampler(threading.Thread):
+    """Reads /proc/PID/status every `every` seconds: the largest VmHWM, and VmRSS over time."""
+
+    def __init__(self, pid: int, t0: float, every: float) -> None:
+        super().__init__(name="bench-rss", daemon=True)
+        self.path = f"/proc/{pid}/status"
+        self.t0 = t0
+        self.every = every
+        self.done = threading.Event()
+        self.peak = 0  # bytes; 0 if nothing could be read
+        self.samples: list[tuple[float, int]] = []  # (seconds since t0, VmRSS bytes)
+
+    def run(self) -> None:
+        while True:
+            try:
+                with open(self.path) as f:
+                    fields = dict(line.split(":", 1) for line in f if line.startswith("Vm"))
+            except (OSError, ValueError):
+                return  # gone, or no /proc here
+            at = time.perf_counter() - self.t0
+            if "VmHWM" in fields:
+                self.peak = max(self.peak, int(fields["VmHWM"].split()[0]) * 1024)
+            if "VmRSS" in fields:
+                self.samples.append((at, int(fields["VmRSS"].split()[0]) * 1024))
+            if self.done.wait(self.every):
+                return
+
+
+@dataclass
+class CommandRun:
+    seconds: float  # wall time, from just before the process is started to its exit
+    exit_code: int
+    startup: float | None  # seconds to its first output on the terminal
+    cpu: float  # user + system seconds, all of its threads
+    peak_rss: int  # largest VmHWM sampled, bytes (0: not available)
+    samples: list[tuple[float, int]]  # (seconds, VmRSS bytes)
+    tail: list[str]  # its last lines on the terminal
+    lines: int  # lines it wrote to the terminal
+    reported: int | None  # the event count its last summary line names
+
+    def ok(self, expected: int) -> bool:
+        return self.exit_code == 0 and self.reported == expected
+
+
+def _set_window_size(fd: int) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    columns, rows = shutil.get_terminal_size((120, 40))
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def run_command(executable: Path, recording: Path, sample_every: float) -> CommandRun:
+    """One run of `polystream watch ... --feed recording`, as a user at a terminal starts it:
+    stdout to /dev/null, stderr on a pseudo-terminal, no filters, no storage, no notifier."""
+    env, _ = clean_environment()
+    with tempfile.TemporaryDirectory(prefix="bench_engine-run-") as sandbox:
+        cwd, state, filters = (Path(sandbox) / name for name in ("cwd", "state", "filters"))
+        for directory in (cwd, state, filters):
+            directory.mkdir()
+        env["POLYSTREAM_STATE_DIR"] = str(state)
+        argv = watch_argv(executable, recording, filters)
+        master, slave = os.openpty()
+        drain = TerminalDrain(master)
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            _set_window_size(slave)
+            drain.start()
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=env,
+                )
+            finally:
+                os.close(slave)  # the child's copy is the only one left
+            sampler = StatusSampler(proc.pid, t0, sample_every)
+            sampler.start()
+            # wait4 gives this child's own CPU times; its ru_maxrss would not do for the peak,
+            # since exec carries the parent's high-water mark over into it.
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            sampler.done.set()
+            sampler.join()
+            drain.join(timeout=10)
+        except BaseException:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            os.close(master)
+    tail = drain.tail(4)
+    reported = None
+    for line in reversed(tail):
+        named = EVENTS_NAMED.findall(line)
+        if named:
+            reported = int(named[0].replace(",", ""))
+            break
+    return CommandRun(
+        seconds,
+        proc.returncode,
+        None if drain.first is None else drain.first - t0,
+        usage.ru_utime + usage.ru_stime,
+        sampler.peak,
+        sampler.samples,
+        tail,
+        drain.lines,
+        reported,
+    )
+
+
+def run_plain_decode(frames: list[bytes], decode: Callable[[bytes], list[Event]]) -> int:
+    n = 0
+    for frame in frames:
+        n += len(decode(frame))
+    return n
+
+
+def command_recording(directory: Path, events: int, seed: int, rate: float) -> Path:
+    """The recording of `events` events with this seed and rate in `directory`: the one a previous
+    run left there, or a new one written with this file's generator and kept for the next run."""
+    path = directory / f"bench_engine-{events}ev-seed{seed}-rate{rate:g}.rec"
+    if path.exists():
+        print(
+            f"  reused {path} ({path.stat().st_size / MIB:.1f} MiB), written by an earlier run "
+            "with the same events, seed and rate"
+        )
+        return path
+    part = path.with_name(path.name + ".part")  # renamed once complete: never reuse a torn one
+    part.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    info = write_recording(part, events, seed, rate)
+    os.replace(part, path)
+    info.path = path
+    describe(info, time.perf_counter() - t0)
+    print("  kept for the next run with the same --events, --seed and --rate; delete it when done")
+    return path
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _rate_text(per_s: float) -> str:
+    return f"{per_s / 1e6:6.3f} M events/s"
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.1f} MiB" if n else "n/a"
+
+
+def describe_executable(label: str, executable: Path) -> None:
+    env, _ = clean_environment()
+    try:
+        out = subprocess.run(
+            [str(executable), "--version"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        ).stdout.strip()
+    except OSError as exc:
+        out = f"cannot run it: {exc}"
+    try:
+        with open(executable, "rb") as f:
+            first = f.readline(512).decode("utf-8", "replace").strip()
+        interpreter = first[2:].strip() if first.startswith("#!") else "(not a script)"
+    except OSError:
+        interpreter = "?"
+    print(f"  {label:<18} {executable} ({out or 'no --version output'}; runs {interpreter})")
+
+
+def _round_line(rnd: int, name: str, seconds: float, events: int, extra: str = "") -> None:
+    print(
+        f"  round {rnd}  {name:<18} {seconds:7.3f} s  {_rate_text(events / seconds)}{extra}",
+        flush=True,
+    )
+
+
+def _report_failure(name: str, run: CommandRun, expected: int) -> None:
+    print(f"  !! {name}: exit code {run.exit_code}, ", end="")
+    if run.reported is None:
+        print(f"its last lines name no event count (expected {expected:,}):")
+    else:
+        print(f"its summary names {run.reported:,} events, expected {expected:,}:")
+    for line in run.tail or ["(no output)"]:
+        print(f"  !!   {line}")
+
+
+@dataclass
+class CommandResult:
+    rate: float | None  # best events/s of the runs that passed the checks; None if none did
+    decode_rate: float
+    runs_ok: bool
+    baseline_rate: float | None = None
+
+
+def command_throughput(
+    args: argparse.Namespace, recording: Path, executables: dict[str, Path]
+) -> CommandResult:
+    print("\n== Frames for the plain decode ==")
+    t0 = time.perf_counter()
+    frames = [frame.data for frame in read_recording(recording)]
+    read_s = time.perf_counter() - t0
+    decode = msgspec.json.Decoder(list[Event]).decode
+    t0 = time.perf_counter()
+    events = run_plain_decode(frames, decode)
+    print(
+        f"  {len(frames):,} frames read into memory in {read_s:.1f} s, {events:,} events "
+        f"counted by a first decode in {time.perf_counter() - t0:.2f} s (neither timed)"
+    )
+    print(f"  {sum(len(f) for f in frames) / MIB:.1f} MiB of JSON")
+
+    names = [*executables, "msgspec decode"]
+    print(
+        f"\n== The command against a plain decode, alternately; best of {args.repeat}, "
+        f"{events:,} events per run =="
+    )
+    print(f"  command: {' '.join(watch_argv(Path('polystream'), recording, Path('EMPTY_DIR')))}")
+    print(
+        "  stdout to /dev/null, stderr on a pseudo-terminal; a fresh empty working directory, "
+        "filters directory and state directory per run; wall time from just before the process "
+        "starts to its exit"
+    )
+    print(
+        "  decode: msgspec.json.Decoder(list[polystream.events.Event]).decode, one call per "
+        "frame, over the frames in memory"
+    )
+    times: dict[str, list[float]] = {name: [] for name in names}
+    last: dict[str, CommandRun] = {}
+    runs_ok = True
+    for rnd in range(args.repeat):
+        # Rotating the order spreads drift in the machine's speed over every path.
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            gc.collect()
+            if name not in executables:
+                t0 = time.perf_counter()
+                n = run_plain_decode(frames, decode)
+                elapsed = time.perf_counter() - t0
+                if n != events:
+                    print(f"  WARNING the decode counted {n:,} events, expected {events:,}")
+                times[name].append(elapsed)
+                _round_line(rnd + 1, name, elapsed, events)
+                continue
+            run = run_command(executables[name], recording, PEAK_SAMPLE_S)
+            last[name] = run
+            startup = "n/a" if run.startup is None else f"{run.startup:.2f} s"
+            details = (
+                f"  exit {run.exit_code}, start-up {startup}, CPU {run.cpu:.1f} s "
+                f"({run.cpu / run.seconds:.0%} of wall), peak RSS {_mib(run.peak_rss)}"
+            )
+            if run.ok(events):
+                times[name].append(run.seconds)
+                _round_line(rnd + 1, name, run.seconds, events, details)
+            else:
+                runs_ok = False
+                print(f"  round {rnd + 1}  {name:<18} {run.seconds:7.3f} s  (not counted){details}")
+                _report_failure(name, run, events)
+    del frames
+    gc.collect()
+
+    for name, run in last.items():
+        print(
+            f"\n  {name}: the terminal's last lines in its last round "
+            f"(of {run.lines:,} lines written):"
+        )
+        for line in run.tail[-3:] or ["(no output)"]:
+            print(f"    {line}")
+        verdict = "OK" if run.reported == events else "MISMATCH"
+        reported = "no event count" if run.reported is None else f"{run.reported:,} events"
+        print(f"    -> it names {reported}, expected {events:,}: {verdict}")
+
+    best: dict[str, float] = {}
+    print()
+    for name in names:
+        if times[name]:
+            best[name] = events / min(times[name])
+            print(f"  best     {name:<18} {min(times[name]):7.3f} s  {_rate_text(best[name])}")
+        else:
+            print(f"  best     {name:<18} no run passed the checks")
+    decode_rate = best["msgspec decode"]
+    new = best.get("polystream watch")
+    base = best.get("baseline watch")
+    if new is not None:
+        ratio = new / decode_rate
+        print(
+            f"  ratio polystream watch / msgspec decode  {ratio:6.3f} "
+            f"(target >= {COMMAND_MIN_RATIO:.2f}): {_verdict(ratio >= COMMAND_MIN_RATIO)}"
+        )
+    if base is not None:
+        print(f"  ratio baseline watch / msgspec decode    {base / decode_rate:6.3f}")
+        if new is not None:
+            print(f"  speed-up polystream / baseline           {new / base:6.3f}x")
+    return CommandResult(new, decode_rate, runs_ok, base)
+
+
+@dataclass
+class CommandMemory:
+    events: int
+    growth: int | None  # bytes, first checkpoint after start-up to the last; None: no samples
+    flat: bool
+    ok: bool  # exit code 0 and the event count reported
+
+
+def command_memory(args: argparse.Namespace, directory: Path, executable: Path) -> CommandMemory:
+    n = args.memory_events
+    print(
+        f"\n== Memory: the command once over {n:,} events, VmRSS sampled every "
+        f"{MEMORY_SAMPLE_S:g} s =="
+    )
+    recording = command_recording(directory, n, args.seed, args.rate)
+    run = run_command(executable, recording, MEMORY_SAMPLE_S)
+    startup = run.startup if run.startup is not None else 0.0
+    print(
+        f"  {run.seconds:.1f} s wall ({n / run.seconds:,.0f} events/s), exit {run.exit_code}, "
+        f"start-up {startup:.2f} s (to its first output), CPU {run.cpu:.1f} s, "
+        f"peak RSS {_mib(run.peak_rss)}, {len(run.samples)} samples"
+    )
+    ok = run.ok(n)
+    if not ok:
+        _report_failure("polystream watch", run, n)
+    else:
+        print(f"  {run.tail[-1]}")
+    if not run.samples:
+        print("  no RSS samples (no /proc/PID/status here?)")
+        return CommandMemory(n, None, False, ok)
+    picked: list[tuple[int, float, float, int]] = []  # (checkpoint, mark, sample time, RSS)
+    for k in range(1, CHECKPOINTS + 1):
+        mark = run.seconds * k / CHECKPOINTS
+        before = [s for s in run.samples if s[0] <= mark]
+        if not before:
+            print(f"  checkpoint {k:>2}  at {mark:6.1f} s  (no sample yet)")
+            continue
+        at, rss = before[-1]
+        picked.append((k, mark, at, rss))
+        print(
+            f"  checkpoint {k:>2}  at {mark:6.1f} s ({k / CHECKPOINTS:4.0%})  "
+            f"RSS {rss / MIB:8.1f} MiB  (sampled at {at:6.1f} s)"
+        )
+    # The first checkpoint whose sample was taken once the process had started up (its first
+    # output): before that, RSS only measures the imports.
+    after = [p for p in picked if p[2] >= startup] or picked
+    first, final = after[0], picked[-1]
+    growth = final[3] - first[3]
+    flat = growth <= args.flat_mib * MIB
+    print(
+        f"  growth, checkpoint {first[0]} (the first sampled after start-up) -> {final[0]}: "
+        f"{growth / MIB:+.2f} MiB (flat means <= {args.flat_mib:g} MiB): {_verdict(flat)}"
+    )
+    return CommandMemory(n, growth, flat, ok)
+
+
+def command_main(args: argparse.Namespace) -> int:
+    """`--command`: the real command against a plain decode, and its memory over a long run."""
+    executables = {"polystream watch": args.polystream.resolve()}
+    if args.baseline is not None:
+        executables["baseline watch"] = args.baseline.resolve()
+    print("== Environment ==")
+    print(
+        f"  bench: python {platform.python_version()} ({platform.python_implementation()}), "
+        f"msgspec {_dist_version('msgspec')}"
+    )
+    print(f"  {platform.platform()}; CPU: {_cpu_name()}")
+    if args.cpu is None:
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        print(f"  not pinned: the command runs as a user runs it, on CPUs {allowed or '(all)'}")
+    else:
+        print(f"  {pin_cpu(args.cpu)[1]}; the command inherits it")
+    for label, executable in executables.items():
+        describe_executable(label, executable)
+    _, dropped = clean_environment()
+    print(
+        "  the command's environment: this one without "
+        + (", ".join(dropped) if dropped else "(nothing to drop)")
+        + "; POLYSTREAM_STATE_DIR set to a fresh empty directory"
+    )
+
+    directory = args.tmp if args.tmp is not None else Path(tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"\n== Stream (seed {args.seed}, rate {args.rate:g}) ==")
+    if args.recording is not None:
+        recording = args.recording.resolve()
+        print(f"  given: {recording} ({recording.stat().st_size / MIB:.1f} MiB)")
+    else:
+        recording = command_recording(directory, args.events, args.seed, args.rate)
+    result = command_throughput(args, recording, executables)
+
+    memory = None
+    if args.memory_events > 0:
+        memory = command_memory(args, directory, executables["polystream watch"])
+
+    print("\n== Summary ==")
+    rate, ratio = result.rate, None if result.rate is None else result.rate / result.decode_rate
+    rows = [
+        (
+            f"command >= {COMMAND_TARGET_EVENTS_PER_S:,} events/s, wall time",
+            "n/a" if rate is None else f"{rate:,.0f} /s",
+            rate is not None and rate >= COMMAND_TARGET_EVENTS_PER_S,
+        ),
+        (
+            f"command / plain msgspec decode >= {COMMAND_MIN_RATIO:.2f}",
+            "n/a" if ratio is None else f"{ratio:.3f}",
+            ratio is not None and ratio >= COMMAND_MIN_RATIO,
+        ),
+        ("every run exits 0 and reports every event", "", result.runs_ok),
+    ]
+    if memory is not None:
+        rows.append(
+            (
+                f"RSS flat over {memory.events:,} events (<= {args.flat_mib:g} MiB growth)",
+                "n/a" if memory.growth is None else f"{memory.growth / MIB:+.2f} MiB",
+                memory.flat and memory.ok,
+            )
+        )
+    for target, measured, ok in rows:
+        print(f"  {target:<52} {measured:>16}   {_verdict(ok)}")
+    if result.baseline_rate is not None:
+        print(
+            f"  (baseline: {result.baseline_rate:,.0f} /s, "
+            f"{result.baseline_rate / result.decode_rate:.3f} of the decode)"
+        )
+    return 0
+
+
 # --- measurement helpers --------------------------------------------------------------------------
 
 
@@ -957,13 +1538,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per path; best one counts")
     ap.add_argument("--flat-mib", type=float, default=20.0, help="max RSS growth counted as flat")
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: highest)")
-    ap.add_argument("--tmp", type=Path, default=None, help="directory for the recordings")
+    ap.add_argument(
+        "--tmp",
+        type=Path,
+        default=None,
+        help="directory for the recordings (with --command, kept there for reuse; default: the "
+        "system's temporary directory)",
+    )
     ap.add_argument("--memory-child", type=Path, default=None, help=argparse.SUPPRESS)
+    command = ap.add_argument_group(
+        "the command as a user runs it (--command: only that, none of the sections above)"
+    )
+    command.add_argument(
+        "--command",
+        action="store_true",
+        help="time `polystream watch ... --feed REC --no-ui --json` against a plain decode",
+    )
+    command.add_argument(
+        "--polystream",
+        type=Path,
+        default=Path(sys.executable).parent / "polystream",
+        help="the executable to time (default: the one beside this python)",
+    )
+    command.add_argument(
+        "--baseline", type=Path, default=None, help="another executable, timed in the same rounds"
+    )
+    command.add_argument(
+        "--recording",
+        type=Path,
+        default=None,
+        help="time over this recording instead of one of --events events in --tmp",
+    )
     args = ap.parse_args(argv)
-    if args.memory_events < 100_000:
-        ap.error("--memory-events must be at least 100000 for ten checkpoints to mean anything")
+    if args.memory_events < 100_000 and not (args.command and args.memory_events == 0):
+        ap.error(
+            "--memory-events must be at least 100000 for ten checkpoints to mean anything "
+            "(with --command, 0 skips the memory run)"
+        )
     if args.memory_child is not None:
         return memory_child(args)
+    if args.command:
+        for executable in [args.polystream, args.baseline]:
+            if executable is not None and not os.access(executable, os.X_OK):
+                ap.error(f"{executable} is not an executable (see --polystream, --baseline)")
+        if args.recording is not None and not args.recording.is_file():
+            ap.error(f"--recording {args.recording}: no such file")
+        return command_main(args)
+    if IN_PROCESS_IMPORT_ERROR is not None:
+        raise IN_PROCESS_IMPORT_ERROR
 
     print("== Environment ==")
     print(

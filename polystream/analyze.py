@@ -20,9 +20,10 @@ import polars as pl
 
 from .errors import PolystreamError
 from .indicators import IndicatorParams, compute
+from .schema import OHLCV, PRICES
 
-BAR_COLUMNS = ("time", "open", "high", "low", "close", "volume")
-PRICE_COLUMNS = ("open", "high", "low", "close")
+BAR_COLUMNS = ("time", *OHLCV)
+PRICE_COLUMNS = PRICES
 
 # Header spellings per column, compared after lower-casing and turning spaces and dashes into
 # underscores. `window_start` is the name in Polygon's flat files.

@@ -1,145 +1,82 @@
-"""Micro-batching, on the pipeline thread: the only place where per-event data becomes columnar.
+"""Frames → columns, on the pipeline thread: the only place where per-event data becomes columnar.
 
-`Batcher.add` keeps each frame as received, with its receipt time; `flush` decodes them all in
-one pass and returns a `Batch` of polars DataFrames, one per event kind, in arrival order.
-Flush on size (events, estimated from the frames' bytes until decoded) or age.
+`Batcher.build(frames)` decodes the frames of one pass and returns a `Batch`: polars DataFrames
+of the watched symbols' trades, quotes and aggregates (schemas from `schema`), in arrival order,
+and their book snapshots. Events of other symbols are counted and dropped.
 """
 
 from __future__ import annotations
 
 import gc
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain, compress, repeat
-from operator import not_
+from operator import is_
+from typing import Protocol, TypeVar
 
 import msgspec
 import polars as pl
 
 from .decode import Decoder
+from .errors import SymbolError
 from .events import Aggregate, Book, Quote, SecondAggregate, Trade
+from .schema import AGGREGATE, QUOTE, SIDE_BUY, SIDE_SELL, TRADE, empty, trade_side
+from .source import Frame
 from .symbols import from_pair
 
-TRADE_SCHEMA = {
-    "symbol": pl.String,
-    "time": pl.Int64,
-    "price": pl.Float64,
-    "size": pl.Float64,
-    "side": pl.Int8,
-    "exchange": pl.Int16,
-    "trade_id": pl.String,
-    "received": pl.Int64,
-}
-QUOTE_SCHEMA = {
-    "symbol": pl.String,
-    "time": pl.Int64,
-    "bid": pl.Float64,
-    "bid_size": pl.Float64,
-    "ask": pl.Float64,
-    "ask_size": pl.Float64,
-    "exchange": pl.Int16,
-    "received": pl.Int64,
-}
-AGG_SCHEMA = {
-    "symbol": pl.String,
-    "ev": pl.String,
-    "start": pl.Int64,
-    "end": pl.Int64,
-    "open": pl.Float64,
-    "high": pl.Float64,
-    "low": pl.Float64,
-    "close": pl.Float64,
-    "volume": pl.Float64,
-    "vwap": pl.Float64,
-    "avg_size": pl.Float64,
-    "received": pl.Int64,
-}
-# A trade takes about this many bytes of JSON: the size trigger counts bytes until decoding.
-BYTES_PER_EVENT = 120
+# Frames are decoded and turned into columns this many bytes at a time, so that the objects of
+# one chunk are still in the CPU's caches when their columns are built.
 CHUNK_BYTES = 2_000_000
+_SIDES = (SIDE_SELL, SIDE_BUY)
+
+
+class _Paired(Protocol):
+    @property
+    def pair(self) -> str: ...
+
+
+_E = TypeVar("_E", bound=_Paired)
 
 
 class Batch(msgspec.Struct):
-    """Columnar events of one micro-batch, each frame in arrival order."""
+    """Columnar events of one pass, each kind in arrival order."""
 
     trades: pl.DataFrame
     quotes: pl.DataFrame
     aggregates: pl.DataFrame
     books: list[tuple[str, Book]]
-    received: int
+    received: int  # receipt time of the last frame (epoch ms)
+    other: int = 0  # events of symbols nobody watches, dropped
 
     @property
     def size(self) -> int:
         return self.trades.height + self.quotes.height + self.aggregates.height + len(self.books)
 
 
+def empty_batch(received: int = 0) -> Batch:
+    return Batch(empty(TRADE), empty(QUOTE), empty(AGGREGATE), [], received)
+
+
 class Batcher:
-    """Accumulates frames; `due()` says when a flush is owed (size or age)."""
+    """Builds `Batch`es for `symbols` (REST form; None: every symbol the feed sends)."""
 
-    def __init__(
-        self,
-        decoder: Decoder | None = None,
-        max_events: int = 200_000,
-        max_age: float = 0.2,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, symbols: Iterable[str] | None = None, decoder: Decoder | None = None):
         self.decoder = decoder or Decoder()
-        self.max_events = max_events
-        self.max_age = max_age
-        self._clock = clock
-        self._symbols: dict[str, str] = {}
-        self._reset()
+        self._watched = None if symbols is None else frozenset(symbols)
+        self._symbols: dict[str, str | None] = {}  # feed pair → watched symbol, or None
 
-    def _reset(self) -> None:
-        self._frames: list[bytes] = []
-        self._received: list[int] = []
-        self._bytes = 0
-        self._total = 0
-        self._count = 0
-        self._since: float | None = None
-        self._chunks: list[Batch] = []
-
-    def __len__(self) -> int:
-        """Frames waiting for the next flush."""
-        return self._count
-
-    def add(self, data: bytes, received: int) -> None:
-        """Take one frame, received at `received` (epoch ms)."""
-        self.add_many(((received, data),))
-
-    def add_many(self, frames: Sequence[tuple[int, bytes]]) -> None:
-        """Take several frames (receipt time, data) at once, as a replay hands them over."""
+    def build(self, frames: Sequence[Frame]) -> Batch:
+        """The events of `frames`, as columns."""
         if not frames:
-            return
-        if self._since is None:
-            self._since = self._clock()
-        self._received += [f[0] for f in frames]
-        data = [f[1] for f in frames]
-        self._frames += data
-        self._bytes += sum(map(len, data))
-        self._count += len(frames)
-        if self._bytes >= CHUNK_BYTES:
-            # Columns are built a cache-sized chunk at a time; the bars work on the whole batch.
-            self._chunks.append(self._columns())
-
-    def due(self) -> bool:
-        if self._total + self._bytes >= self.max_events * BYTES_PER_EVENT:
-            return True
-        return self._since is not None and self._clock() - self._since >= self.max_age
-
-    def _symbol_column(self, pairs: list[str]) -> pl.Series:
-        """Feed pairs mapped to REST symbols, the mapping done once per distinct pair."""
-        series = pl.Series("symbol", pairs, dtype=pl.String)
-        known = self._symbols
-        for pair in series.unique().to_list():
-            if pair not in known:
-                known[pair] = from_pair(pair)
-        return series.replace_strict(known, return_dtype=pl.String)
-
-    def flush(self) -> Batch:
-        """Everything added since the last flush, as one batch."""
-        chunks = [*self._chunks, self._columns()]
-        self._reset()
+            return empty_batch()
+        chunks: list[Batch] = []
+        start = size = 0
+        for i, frame in enumerate(frames):
+            size += len(frame.data)
+            if size >= CHUNK_BYTES:
+                chunks.append(self._chunk(frames[start : i + 1]))
+                start, size = i + 1, 0
+        if start < len(frames):
+            chunks.append(self._chunk(frames[start:]))
         if len(chunks) == 1:
             return chunks[0]
         return Batch(
@@ -147,88 +84,145 @@ class Batcher:
             pl.concat([c.quotes for c in chunks]),
             pl.concat([c.aggregates for c in chunks]),
             [b for c in chunks for b in c.books],
-            max(c.received for c in chunks),
+            chunks[-1].received,
+            sum(c.other for c in chunks),
         )
 
-    def _columns(self) -> Batch:
+    def symbol(self, pair: str) -> str | None:
+        """The watched symbol of a feed pair (`BTC-USD` → `X:BTCUSD`), or None."""
+        try:
+            return self._symbols[pair]
+        except KeyError:
+            pass
+        try:
+            symbol: str | None = from_pair(pair)
+        except SymbolError:
+            symbol = None
+        if self._watched is not None and symbol not in self._watched:
+            symbol = None
+        if len(self._symbols) < 100_000:  # a feed sending endless made-up pairs stays bounded
+            self._symbols[pair] = symbol
+        return symbol
+
+    def _chunk(self, frames: Sequence[Frame]) -> Batch:
         # A chunk makes tens of thousands of short-lived objects that reference counting frees;
         # letting the cyclic collector scan them as they pile up costs about 15 %.
         enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._build()
+            return self._columns(frames)
         finally:
             if enabled:
                 gc.enable()
 
-    def _build(self) -> Batch:
-        decoded = self.decoder.decode_many(self._frames)
+    def _columns(self, frames: Sequence[Frame]) -> Batch:
+        decode = self.decoder.decode
+        decoded = [decode(f.data) for f in frames]
         events = list(chain.from_iterable(decoded))
-        received = list(chain.from_iterable(map(repeat, self._received, map(len, decoded))))
-        last = max(self._received, default=0)
-        self._total += self._bytes
-        self._frames, self._received, self._bytes = [], [], 0
-        # Trades are most of the stream: split them off with C-level loops.
-        is_trade = [type(e) is Trade for e in events]
+        counts = map(len, decoded)
+        received = list(chain.from_iterable(map(repeat, [f.received for f in frames], counts)))
+        kinds = list(map(type, events))
+        is_trade = list(map(is_, kinds, repeat(Trade)))
+        is_quote = list(map(is_, kinds, repeat(Quote)))
         tr: list[Trade] = list(compress(events, is_trade))  # type: ignore[arg-type]
-        tr_received = list(compress(received, is_trade))
-        qu: list[Quote] = []
-        qu_received: list[int] = []
+        qu: list[Quote] = list(compress(events, is_quote))  # type: ignore[arg-type]
         ag: list[Aggregate] = []
-        ag_received: list[int] = []
         books: list[tuple[str, Book]] = []
-        if len(tr) < len(events):
-            for ev, at in compress(zip(events, received, strict=True), map(not_, is_trade)):
-                if isinstance(ev, Quote):
-                    qu.append(ev)
-                    qu_received.append(at)
-                elif isinstance(ev, Aggregate):
+        ag_received: list[int] = []
+        other = 0
+        if len(tr) + len(qu) < len(events):
+            for ev, at in zip(events, received, strict=True):
+                if isinstance(ev, Aggregate):
                     ag.append(ev)
                     ag_received.append(at)
                 elif isinstance(ev, Book):
-                    books.append((from_pair(ev.pair), ev))
-        trades = pl.DataFrame(
+                    symbol = self.symbol(ev.pair)
+                    if symbol is None:
+                        other += 1
+                    else:
+                        books.append((symbol, ev))
+        trades, n = self._trades(tr, list(compress(received, is_trade)))
+        other += n
+        quotes, n = self._quotes(qu, list(compress(received, is_quote)))
+        other += n
+        aggregates, n = self._aggregates(ag, ag_received)
+        other += n
+        return Batch(trades, quotes, aggregates, books, frames[-1].received, other)
+
+    def _keep(self, events: list[_E], received: list[int]) -> tuple[list[_E], list[str], list[int]]:
+        """The events of watched symbols, their symbols and receipt times."""
+        lookup = self._symbols.get
+        symbols = [lookup(e.pair, "") for e in events]
+        if "" in symbols:  # a pair seen for the first time
+            symbols = [self.symbol(e.pair) for e in events]
+        if None not in symbols:
+            return events, symbols, received  # type: ignore[return-value]
+        keep = [s is not None for s in symbols]
+        return (
+            list(compress(events, keep)),
+            list(compress(symbols, keep)),  # type: ignore[arg-type]
+            list(compress(received, keep)),
+        )
+
+    def _trades(self, tr: list[Trade], received: list[int]) -> tuple[pl.DataFrame, int]:
+        if not tr:
+            return empty(TRADE), 0
+        kept, symbols, received = self._keep(tr, received)
+        conditions = [t.conditions for t in kept]
+        frame = pl.DataFrame(
             {
-                "symbol": self._symbol_column([t.pair for t in tr]),
-                "time": [t.time for t in tr],
-                "price": [t.price for t in tr],
-                "size": [t.size for t in tr],
-                "side": [2 if 2 in t.conditions else (1 if 1 in t.conditions else 0) for t in tr],
-                "exchange": [t.exchange for t in tr],
+                "symbol": symbols,
+                "time": [t.time for t in kept],
+                "price": [t.price for t in kept],
+                "size": [t.size for t in kept],
+                "side": [c[0] if c and c[0] in _SIDES else trade_side(c) for c in conditions],
+                "exchange": [t.exchange for t in kept],
                 # the feed sends string ids, but an integer one is kept too, as text
-                "trade_id": pl.Series([t.id for t in tr], dtype=pl.String, strict=False),
-                "received": tr_received,
+                "trade_id": pl.Series([t.id for t in kept], dtype=pl.String, strict=False),
+                "received": received,
             },
-            schema=TRADE_SCHEMA,
+            schema=TRADE,
         )
-        quotes = pl.DataFrame(
+        return frame, len(tr) - len(kept)
+
+    def _quotes(self, qu: list[Quote], received: list[int]) -> tuple[pl.DataFrame, int]:
+        if not qu:
+            return empty(QUOTE), 0
+        kept, symbols, received = self._keep(qu, received)
+        frame = pl.DataFrame(
             {
-                "symbol": self._symbol_column([q.pair for q in qu]),
-                "time": [q.time for q in qu],
-                "bid": [q.bid for q in qu],
-                "bid_size": [q.bid_size for q in qu],
-                "ask": [q.ask for q in qu],
-                "ask_size": [q.ask_size for q in qu],
-                "exchange": [q.exchange for q in qu],
-                "received": qu_received,
+                "symbol": symbols,
+                "time": [q.time for q in kept],
+                "bid": [q.bid for q in kept],
+                "bid_size": [q.bid_size for q in kept],
+                "ask": [q.ask for q in kept],
+                "ask_size": [q.ask_size for q in kept],
+                "exchange": [q.exchange for q in kept],
+                "received": received,
             },
-            schema=QUOTE_SCHEMA,
+            schema=QUOTE,
         )
-        aggregates = pl.DataFrame(
+        return frame, len(qu) - len(kept)
+
+    def _aggregates(self, ag: list[Aggregate], received: list[int]) -> tuple[pl.DataFrame, int]:
+        if not ag:
+            return empty(AGGREGATE), 0
+        kept, symbols, received = self._keep(ag, received)
+        frame = pl.DataFrame(
             {
-                "symbol": self._symbol_column([a.pair for a in ag]),
-                "ev": ["XAS" if type(a) is SecondAggregate else "XA" for a in ag],
-                "start": [a.start for a in ag],
-                "end": [a.end for a in ag],
-                "open": [a.open for a in ag],
-                "high": [a.high for a in ag],
-                "low": [a.low for a in ag],
-                "close": [a.close for a in ag],
-                "volume": [a.volume for a in ag],
-                "vwap": [a.vwap for a in ag],
-                "avg_size": [a.avg_size for a in ag],
-                "received": ag_received,
+                "symbol": symbols,
+                "ev": ["XAS" if type(a) is SecondAggregate else "XA" for a in kept],
+                "start": [a.start for a in kept],
+                "end": [a.end for a in kept],
+                "open": [a.open for a in kept],
+                "high": [a.high for a in kept],
+                "low": [a.low for a in kept],
+                "close": [a.close for a in kept],
+                "volume": [a.volume for a in kept],
+                "vwap": [a.vwap for a in kept],
+                "avg_size": [a.avg_size for a in kept],
+                "received": received,
             },
-            schema=AGG_SCHEMA,
+            schema=AGGREGATE,
         )
-        return Batch(trades, quotes, aggregates, books, last)
+        return frame, len(ag) - len(kept)

@@ -231,7 +231,7 @@ def test(
 ) -> None:
     """When a filter would have fired: on a bar file (bar filters) or a recording (any)."""
     from .analyze import read_bars
-    from .pipeline import replay_filters
+    from .app import replay_filters
     from .symbols import normalize
 
     if (bars is None) == (replay is None):
@@ -253,7 +253,7 @@ def test(
     if json_out:
         out = display.JsonLines()
         for a in alerts:
-            out.write(a.record())
+            out.record(a.record())
     elif alerts:
         display.alert_table(alerts, summary)
     if not alerts or json_out:

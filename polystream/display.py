@@ -8,7 +8,8 @@ import logging
 import sys
 import time
 from collections import deque
-from typing import IO
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO, Any
 
 import msgspec
 import polars as pl
@@ -20,11 +21,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import RedactingFilter, Redactor
-from .events import SIDE_BUY, SIDE_SELL
-from .features import BookFeatures
-from .filters import Alert
-from .pipeline import Snapshot, SymbolState
-from .source import Notice
+from .schema import SIDE_BUY, SIDE_SELL, Alert, Notice
+from .sinks import BaseSink, FeedState, Output, View
+from .view import Board, SymbolState
 
 stderr_console = Console(stderr=True, highlight=False)
 
@@ -66,7 +65,7 @@ def alert_line(alert: Alert) -> Text:
     return text
 
 
-def _to_console(alerts: list[Alert]) -> list[Alert]:
+def _to_console(alerts: Iterable[Alert]) -> list[Alert]:
     return [a for a in alerts if "console" in a.notify]
 
 
@@ -163,136 +162,192 @@ def _percent_b(bar: dict[str, object]) -> float | None:
     return 0.5 if upper == lower else (close - lower) / (upper - lower)
 
 
-def bar_line(row: dict[str, object]) -> str:
-    """One bar as a plain line for `--no-ui`."""
-    start = row["start"]
-    stamp = time.strftime("%H:%M:%S", time.gmtime(start / 1000)) if isinstance(start, int) else "?"
-    rsi = next((v for k, v in row.items() if k.startswith("rsi_")), None)
-    rsi_text = f"{rsi:.1f}" if isinstance(rsi, float) else "…"
-    close = row["close"]
-    volume = row["volume"]
+def bar_line(row: tuple[Any, ...]) -> str:
+    """One bar as a plain line for `--no-ui`: (start, symbol, timeframe, state, close, volume,
+    trades, rsi)."""
+    start, symbol, timeframe, state, close, volume, trades, rsi = row
+    stamp = time.strftime("%H:%M:%S", time.gmtime(start / 1000))
+    rsi_text = f"{rsi:.1f}" if rsi is not None else "…"
     return (
-        f"{stamp} {row['symbol']} {row['timeframe']} {row['state']}: close "
-        f"{fmt_price(close if isinstance(close, float) else None)} volume "
-        f"{fmt_size(volume if isinstance(volume, float) else None)} trades {row['trades']} "
-        f"RSI {rsi_text}"
+        f"{stamp} {symbol} {timeframe} {state}: close {fmt_price(close)} volume "
+        f"{fmt_size(volume)} trades {trades} RSI {rsi_text}"
     )
 
 
-class JsonLines:
-    """Machine-readable output: one JSON object per line on stdout (DESIGN §1)."""
+def alert_text(alert: Alert) -> str:
+    """`alert_line` without styles, for plain lines."""
+    stamp = time.strftime("%H:%M:%S", time.gmtime(alert.time / 1000))
+    where = f"{alert.symbol} {alert.timeframe}" if alert.timeframe else alert.symbol
+    return f"{stamp} {alert.severity:<8} {alert.filter} {where}: {alert.message}"
+
+
+def _summary(feed: FeedState) -> str:
+    f = feed
+    summary = (
+        f"{f.events:,} events in {f.frames:,} frames; {f.rejected} rejected, "
+        f"{f.malformed_frames} malformed frames; {f.reconnects} reconnects; {f.gaps} gaps; "
+        f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late; "
+        f"{f.alerts} alerts from {f.filters} filters"
+    )
+    if f.sinks:
+        summary += "; " + ", ".join(f"{k} {v:,}" for k, v in f.sinks.items())
+    return summary
+
+
+class JsonLines(BaseSink):
+    """Machine-readable output: one JSON object per line on stdout (DESIGN §1): status
+    records, book records, bar records and alerts (every alert, whatever its notify list)."""
+
+    name = "JSON"
 
     def __init__(self, out: IO[bytes] | None = None) -> None:
         self._out = out or sys.stdout.buffer
-        self._encoder = msgspec.json.Encoder()
+        self._encode = msgspec.json.Encoder().encode
 
-    def write(self, record: dict[str, object]) -> None:
-        self._out.write(self._encoder.encode(record) + b"\n")
+    def record(self, record: dict[str, object]) -> None:
+        """One record on its own line, at once."""
+        self._out.write(self._encode(record) + b"\n")
         self._out.flush()
 
-    def status(self, notice: Notice) -> None:
-        self.write(
-            {"type": "status", "event": notice.event, "time": notice.time, "detail": notice.detail}
-        )
+    def write(self, out: Output) -> None:
+        encode = self._encode
+        lines = [
+            encode({"type": "status", "event": n.event, "time": n.time, "detail": n.detail})
+            for n in out.notices
+        ]
+        lines += [encode({"type": "book", **msgspec.structs.asdict(f)}) for f in out.book_features]
+        if out.bars is not None and out.bars.height:
+            text = out.bars.select(pl.lit("bar").alias("type"), pl.all()).write_ndjson()
+            lines.append(text.encode().rstrip(b"\n"))
+        lines += [encode(a.record()) for a in out.alerts]
+        if lines:
+            # one write and one flush per output: each line is out as soon as it is made
+            self._out.write(b"\n".join(lines) + b"\n")
+            self._out.flush()
 
-    def bars(self, records: pl.DataFrame) -> None:
-        text = records.select(pl.lit("bar").alias("type"), pl.all()).write_ndjson()
-        self._out.write(text.encode())
+    def close(self, view: View) -> Sequence[Notice]:
         self._out.flush()
-
-    def book(self, features: list[BookFeatures]) -> None:
-        for f in features:
-            self.write({"type": "book", **msgspec.structs.asdict(f)})
-
-    def alerts(self, alerts: list[Alert]) -> None:
-        for a in alerts:  # every alert, whatever its notify list: this is the full record
-            self.write(a.record())
-
-    def refresh(self, snapshot: Snapshot) -> None:
-        pass
-
-    def close(self, snapshot: Snapshot) -> None:
-        self._out.flush()
+        return ()
 
 
-class TextLog:
-    """`--no-ui`: status changes as plain lines on stderr, and a summary at the end."""
+class TextLog(BaseSink):
+    """`--no-ui`: status changes and console alerts as plain lines on stderr, a line per bar (or,
+    with `bars=False`, a count of them every `every` seconds), and a summary at the end. Lines
+    are written as plain text: rich renders only the few status lines."""
 
-    def __init__(self, console: Console = stderr_console) -> None:
+    name = "lines"
+
+    def __init__(
+        self,
+        console: Console = stderr_console,
+        *,
+        bars: bool = True,
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._console = console
+        self._bars = bars
+        self._every = every
+        self._clock = clock
+        self._next = clock() + every
+        self._counts: dict[tuple[str, str], int] = {}
+        self._latest = 0
 
-    def status(self, notice: Notice) -> None:
-        stamp = time.strftime("%H:%M:%S", time.gmtime(notice.time / 1000))
-        style = _NOTICE_STYLE.get(notice.event, "")
-        detail = f" {notice.detail}" if notice.detail else ""
-        self._console.print(Text(f"{stamp} {notice.event}{detail}", style=style), soft_wrap=True)
+    def write(self, out: Output) -> None:
+        for notice in out.notices:
+            stamp = time.strftime("%H:%M:%S", time.gmtime(notice.time / 1000))
+            style = _NOTICE_STYLE.get(notice.event, "")
+            detail = f" {notice.detail}" if notice.detail else ""
+            self._console.print(
+                Text(f"{stamp} {notice.event}{detail}", style=style), soft_wrap=True
+            )
+        lines: list[str] = []
+        records = out.bars
+        if records is not None and records.height:
+            if self._bars:
+                rsi = next((c for c in records.columns if c.startswith("rsi_")), None)
+                rows = records.select(
+                    "start",
+                    "symbol",
+                    "timeframe",
+                    "state",
+                    "close",
+                    "volume",
+                    "trades",
+                    pl.col(rsi) if rsi else pl.lit(None, pl.Float64),
+                ).rows()
+                lines += map(bar_line, rows)
+            else:
+                counts = records.group_by("timeframe", "state").len().rows()
+                for tf, state, n in counts:
+                    self._counts[(tf, state)] = self._counts.get((tf, state), 0) + n
+                self._latest = max(self._latest, int(records["start"].max()))  # type: ignore[arg-type]
+        lines += [alert_text(a) for a in _to_console(out.alerts)]
+        if lines:
+            self._console.file.write("\n".join(lines) + "\n")
+            self._console.file.flush()
 
-    def bars(self, records: pl.DataFrame) -> None:
-        for row in records.iter_rows(named=True):
-            self._console.print(bar_line(row), highlight=False, soft_wrap=True)
+    def tick(self, view: View) -> Sequence[Notice]:
+        if not self._bars and self._counts and self._clock() >= self._next:
+            self._next = self._clock() + self._every
+            self._bar_counts()
+        return ()
 
-    def book(self, features: list[BookFeatures]) -> None:
-        pass  # book snapshots come several times a second: too many for plain lines
+    def close(self, view: View) -> Sequence[Notice]:
+        if self._counts:
+            self._bar_counts()
+        self._console.print(_summary(view.feed), soft_wrap=True)
+        return ()
 
-    def alerts(self, alerts: list[Alert]) -> None:
-        for a in _to_console(alerts):
-            self._console.print(alert_line(a), highlight=False, soft_wrap=True)
-
-    def refresh(self, snapshot: Snapshot) -> None:
-        pass
-
-    def close(self, snapshot: Snapshot) -> None:
-        f = snapshot.feed
-        summary = (
-            f"{f.events:,} events in {f.frames:,} frames; {f.rejected} rejected, "
-            f"{f.malformed_frames} malformed frames; {f.reconnects} reconnects; {f.gaps} gaps; "
-            f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late; "
-            f"{f.alerts} alerts from {f.filters} filters"
-        )
-        if f.sinks:
-            summary += "; " + ", ".join(f"{k} {v:,}" for k, v in f.sinks.items())
-        self._console.print(summary, soft_wrap=True)
+    def _bar_counts(self) -> None:
+        """The bars made since the last count, per timeframe and state."""
+        parts = [f"{n:,} {tf} {state}" for (tf, state), n in sorted(self._counts.items())]
+        self._counts = {}
+        upto = time.strftime("%H:%M:%S", time.gmtime(self._latest / 1000))
+        self._console.print(f"bars: {', '.join(parts)} (up to {upto})", soft_wrap=True)
 
 
 _ALERT_LINES = 8
 
 
-class Dashboard:
-    """The live terminal view: a row per symbol, recent notices, and a footer for the feed."""
+class Dashboard(BaseSink):
+    """The live terminal view: a row per symbol, the main timeframe's bars, recent notices and
+    alerts, and a footer for the feed."""
 
-    def __init__(self, console: Console = stderr_console, title: str = "polystream") -> None:
+    name = "dashboard"
+
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        timeframe: str,
+        console: Console = stderr_console,
+        title: str = "polystream",
+    ) -> None:
+        self.board = Board(symbols, timeframe)
         self._console = console
         self._title = title
         self._notices: deque[Notice] = deque(maxlen=6)
         self._live = Live(console=console, refresh_per_second=4, transient=False)
         self._started = False
 
-    def status(self, notice: Notice) -> None:
-        self._notices.append(notice)
+    def write(self, out: Output) -> None:
+        self.board.update(out)
+        self._notices.extend(out.notices)
 
-    def bars(self, records: pl.DataFrame) -> None:
-        pass  # the latest bar per symbol arrives with each snapshot
-
-    def book(self, features: list[BookFeatures]) -> None:
-        pass  # the latest book per symbol arrives with each snapshot
-
-    def alerts(self, alerts: list[Alert]) -> None:
-        pass  # the latest alerts arrive with each snapshot
-
-    def refresh(self, snapshot: Snapshot) -> None:
+    def tick(self, view: View) -> Sequence[Notice]:
         if not self._started:
             self._live.start()
             self._started = True
-        self._live.update(self.render(snapshot))
+        self._live.update(self.render(view))
+        return ()
 
-    def close(self, snapshot: Snapshot) -> None:
-        if not self._started:
-            self._live.start()
-            self._started = True
-        self._live.update(self.render(snapshot))
+    def close(self, view: View) -> Sequence[Notice]:
+        self.tick(view)
         self._live.stop()
+        return ()
 
-    def render(self, snapshot: Snapshot) -> Group:
+    def render(self, view: View) -> Group:
+        rows = self.board.rows()
         table = Table(title=self._title, expand=True, title_style="bold")
         for name, justify in (
             ("symbol", "left"),
@@ -307,7 +362,7 @@ class Dashboard:
             ("age", "right"),
         ):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
-        for s in snapshot.symbols:
+        for s in rows:
             table.add_row(
                 Text(s.symbol, style="bold"),
                 fmt_price(s.last_price),
@@ -318,14 +373,14 @@ class Dashboard:
                 fmt_price(s.spread, s.ask),
                 _signed_share(s.imbalance),
                 f"{s.rate:,.0f}",
-                _age(s, snapshot.now_ms),
+                _age(s, view.now_ms),
             )
-        bars = self._bar_table(snapshot)
+        bars = self._bar_table(rows, view)
         if self._console.width < _WIDE:
             _drop_columns(table, {"size", "imbalance", "age"})
             _drop_columns(bars, {"bar", "volume", "buy/sell", "AO"})
         parts: list[Table | Panel | Text] = [table, bars]
-        books = [s for s in snapshot.symbols if s.book is not None]
+        books = [s for s in rows if s.book is not None]
         if books:
             parts.append(self._book_table(books))
         if self._notices:
@@ -336,7 +391,7 @@ class Dashboard:
                 lines.append(f"{stamp} {n.event} {n.detail}\n", style=style)
             lines.rstrip()
             parts.append(Panel(lines, title="feed", title_align="left", border_style="dim"))
-        shown = _to_console(snapshot.alerts)[-_ALERT_LINES:]
+        shown = _to_console(self.board.alerts)[-_ALERT_LINES:]
         if shown:
             alert_lines = Text()
             for a in shown:
@@ -346,11 +401,11 @@ class Dashboard:
             parts.append(
                 Panel(alert_lines, title="alerts", title_align="left", border_style="yellow")
             )
-        parts.append(self._footer(snapshot))
+        parts.append(self._footer(view))
         return Group(*parts)
 
-    def _bar_table(self, snapshot: Snapshot) -> Table:
-        table = Table(expand=True, title=f"{snapshot.timeframe} bars", title_style="bold")
+    def _bar_table(self, rows: list[SymbolState], view: View) -> Table:
+        table = Table(expand=True, title=f"{self.board.timeframe} bars", title_style="bold")
         for name in (
             "symbol",
             "bar",
@@ -369,7 +424,7 @@ class Dashboard:
             table.add_column(
                 name, justify="left" if name in ("symbol", "bar", "state") else "right"
             )
-        for s in snapshot.symbols:
+        for s in rows:
             b = s.bar
             if b is None:
                 table.add_row(
@@ -383,7 +438,7 @@ class Dashboard:
             keys = list(b)
             warming = any(b[k] is None for k in keys[keys.index("state") + 1 :])
             state = (
-                Text(f"warming {s.bars}/{snapshot.warmup}", style="yellow")
+                Text(f"warming {s.bars}/{view.warmup}", style="yellow")
                 if warming
                 else Text(b["state"], style="dim" if b["state"] == "final" else "cyan")
             )
@@ -428,8 +483,8 @@ class Dashboard:
             )
         return table
 
-    def _footer(self, snapshot: Snapshot) -> Text:
-        f = snapshot.feed
+    def _footer(self, view: View) -> Text:
+        f = view.feed
         text = Text()
         text.append(f" {f.state} ", style=f"reverse {_STATE_STYLE.get(f.state, '')}")
         text.append(

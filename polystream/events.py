@@ -12,9 +12,7 @@ from typing import TypeAlias
 import msgspec
 from msgspec import field
 
-SIDE_UNKNOWN = 0
-SIDE_SELL = 1
-SIDE_BUY = 2
+from .schema import trade_side
 
 
 class Trade(msgspec.Struct, tag_field="ev", tag="XT", gc=False):
@@ -32,11 +30,8 @@ class Trade(msgspec.Struct, tag_field="ev", tag="XT", gc=False):
 
     @property
     def side(self) -> int:
-        """`SIDE_BUY`, `SIDE_SELL` or `SIDE_UNKNOWN`, from the side condition."""
-        for c in self.conditions:
-            if c in (SIDE_SELL, SIDE_BUY):
-                return c
-        return SIDE_UNKNOWN
+        """`schema.SIDE_BUY`, `SIDE_SELL` or `SIDE_UNKNOWN`, from the side condition."""
+        return trade_side(self.conditions)
 
     @property
     def trade_id(self) -> str | None:

@@ -12,7 +12,8 @@ import msgspec
 import polars as pl
 
 from .errors import SymbolError
-from .events import SIDE_BUY, SIDE_SELL, Book
+from .events import Book
+from .schema import SIDE_BUY, SIDE_SELL
 from .symbols import from_pair
 
 CLUSTER_RELATIVE_WIDTH = 0.0005

@@ -16,7 +16,6 @@ import functools
 import msgspec
 import polars as pl
 
-BAR_COLUMNS = ("open", "high", "low", "close")
 # TA-Lib's TA_EPSILON: a difference this small relative to the prices counts as zero.
 _EPSILON = 1e-14
 

@@ -29,7 +29,7 @@ import requests
 
 from .config import DEFAULT_TELEGRAM_API_URL, RedactingFilter, Redactor
 from .errors import PolystreamError
-from .filters.engine import Alert
+from .schema import Alert
 
 log = logging.getLogger(__name__)
 

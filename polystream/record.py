@@ -10,7 +10,6 @@ import gzip
 import io
 import logging
 import queue
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import IO
 import zstandard
 
 from .errors import RecordingError
-from .source import EndOfStream, Frame, Frames, Gap, Item, Notice
+from .schema import Gap, Notice
+from .source import EndOfStream, Frame, Frames, Item
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -96,38 +97,33 @@ def read_recording(path: Path) -> Iterator[Frame]:
             raise RecordingError(f"Cannot read the recording {path}: {exc}.") from None
 
 
-class ReplaySource:
+class ReplaySource(Worker[None]):
     """A source that replays a recording into `queue`, ending with `EndOfStream`."""
 
-    def __init__(self, path: Path, *, speed: float | None = None, queue_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        speed: float | None = None,
+        queue_size: int = 10_000,
+        chunk: int = CHUNK,
+    ) -> None:
         if not path.is_file():
             raise RecordingError(f"The recording {path} does not exist.")
+        super().__init__("polystream-replay")
         self.path = path
         self.speed = speed
+        self.chunk = chunk
         # Unpaced, frames travel in chunks: the bound counts chunks, so scale it to keep about
         # `queue_size` frames in flight either way.
-        slots = queue_size if speed else max(4, queue_size // CHUNK)
+        slots = queue_size if speed else max(4, queue_size // chunk)
         self.queue: queue.Queue[Item] = queue.Queue(maxsize=slots)
         self.state = "idle"
         self.reconnects = 0
         self.gaps: list[Gap] = []
-        self.fatal: Exception | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="polystream-replay", daemon=True)
-
-    def start(self) -> ReplaySource:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     def _put(self, item: Item) -> bool:
-        while not self._stop.is_set():
+        while not self.stopping:
             try:
                 self.queue.put(item, timeout=0.2)
                 return True
@@ -135,32 +131,16 @@ class ReplaySource:
                 continue
         return False
 
-    def _run(self) -> None:
+    def run(self) -> None:
         self.state = "replaying"
         error: str | None = None
-        first: int | None = None
-        started = time.monotonic()
         try:
             self._put(Notice("connected", int(time.time() * 1000), f"replaying {self.path.name}"))
-            chunk: list[Frame] = []
-            for frame in read_recording(self.path):
-                if self.speed:
-                    first = frame.received if first is None else first
-                    due = started + (frame.received - first) / 1000 / self.speed
-                    wait = due - time.monotonic()
-                    if wait > 0 and self._stop.wait(wait):
-                        break
-                    if not self._put(frame):
-                        break
-                    continue
-                chunk.append(frame)
-                if len(chunk) >= CHUNK and not self._put(Frames(chunk)):
-                    break
-                if len(chunk) >= CHUNK:
-                    chunk = []
+            frames = read_recording(self.path)
+            if self.speed:
+                self._paced(frames, self.speed)
             else:
-                if chunk:
-                    self._put(Frames(chunk))
+                self._chunked(frames)
         except RecordingError as exc:
             self.fatal = exc
             error = str(exc)
@@ -170,3 +150,25 @@ class ReplaySource:
                 self.queue.put(EndOfStream(error), timeout=5)
             except queue.Full:
                 log.warning("replay queue stayed full at shutdown; end-of-stream not delivered")
+
+    def _paced(self, frames: Iterator[Frame], speed: float) -> None:
+        started = time.monotonic()
+        first: int | None = None
+        for frame in frames:
+            first = frame.received if first is None else first
+            wait = started + (frame.received - first) / 1000 / speed - time.monotonic()
+            if (wait > 0 and self.sleep(wait)) or not self._put(frame):
+                return
+
+    def _chunked(self, frames: Iterator[Frame]) -> None:
+        chunk: list[Frame] = []
+        size = 0
+        for frame in frames:
+            chunk.append(frame)
+            size += len(frame.data)
+            if len(chunk) >= self.chunk:
+                if not self._put(Frames(chunk, size)):
+                    return
+                chunk, size = [], 0
+        if chunk:
+            self._put(Frames(chunk, size))

@@ -19,9 +19,9 @@ import msgspec
 import polars as pl
 import requests
 
-from .batch import TRADE_SCHEMA
 from .config import TIMEFRAMES, Redactor, check_url, redact, timeframe_name
 from .errors import PolystreamError
+from .schema import TRADE as TRADE_SCHEMA
 from .symbols import normalize
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import msgspec
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import Server, ServerConnection, serve
 
-from .events import SIDE_BUY, SIDE_SELL
+from .schema import SIDE_BUY, SIDE_SELL
 
 CHANNELS = ("XT", "XQ", "XA", "XAS", "XL2")
 DEMO_PAIRS = ("BTC-USD", "ETH-USD", "SOL-USD")

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import queue
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, TypeAlias
@@ -21,7 +20,9 @@ import websocket
 
 from .errors import AuthFailed
 from .events import Status
+from .schema import Gap, Notice
 from .symbols import from_pair
+from .worker import Backoff, Worker
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +34,18 @@ class Frame(NamedTuple):
     data: bytes
 
 
-class Notice(msgspec.Struct, frozen=True):
-    """A status record for the pipeline: `event` is one of the names in DESIGN §1."""
-
-    event: str
-    time: int
-    detail: str = ""
-
-
 class EndOfStream(msgspec.Struct, frozen=True):
     """The source has nothing more to give (a replay reached its end, or the client stopped)."""
 
     error: str | None = None
 
 
-class Gap(msgspec.Struct, frozen=True):
-    """An outage of the feed for one symbol, in epoch ms: no data from `start` to `end`."""
-
-    symbol: str
-    start: int
-    end: int
-
-
 class Frames(NamedTuple):
     """Several frames in one queue item: a replay hands them over in chunks, which costs one
-    queue round trip instead of one per frame."""
+    queue round trip instead of one per frame. `size` is their bytes."""
 
     frames: list[Frame]
+    size: int
 
 
 Item: TypeAlias = Frame | Frames | Notice | EndOfStream
@@ -114,8 +100,11 @@ def chunk_topics(topics: list[str], per_message: int) -> list[str]:
     return [",".join(topics[i : i + per_message]) for i in range(0, len(topics), per_message)]
 
 
-class FeedClient:
-    """Reads the Polygon crypto WebSocket on its own thread; see the module docstring."""
+class FeedClient(Worker[None]):
+    """Reads the Polygon crypto WebSocket on its own thread; see the module docstring.
+
+    `stop()` asks the reader to close the connection and end, and returns at once; `join` waits.
+    """
 
     def __init__(
         self,
@@ -128,39 +117,24 @@ class FeedClient:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
+        super().__init__("polystream-feed")
         self.url = url
         self._api_key = api_key
         self.pairs = list(pairs)
         self.topics = topics_for(self.pairs, channels)
-        self.options = options or FeedOptions()
-        self.queue: queue.Queue[Item] = queue.Queue(maxsize=self.options.queue_size)
+        self.options = o = options or FeedOptions()
+        self.queue: queue.Queue[Item] = queue.Queue(maxsize=o.queue_size)
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="polystream-feed", daemon=True)
+        rng = rng or random.Random()
+        self._backoff = Backoff(o.backoff_initial, o.backoff_max, rng=rng)
+        self._hard_backoff = Backoff(o.max_connections_backoff, o.max_connections_backoff, rng=rng)
         self._ws: websocket.WebSocket | None = None
         self.state = "idle"
         self.connections = 0
         self.reconnects = 0
         self.acked_topics: set[str] = set()
         self.gaps: list[Gap] = []
-        self.fatal: AuthFailed | None = None
         self._last_data_ms: int | None = None
-
-    # -- control (any thread) -------------------------------------------------------------
-
-    def start(self) -> FeedClient:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Ask the reader to close the connection and end; returns at once."""
-        self._stop.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the reader thread; True when it has ended."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     # -- reader thread --------------------------------------------------------------------
 
@@ -174,7 +148,7 @@ class FeedClient:
                 self.queue.put(item, timeout=self.options.poll_interval)
                 return
             except queue.Full:
-                if self._stop.is_set():
+                if self.stopping:
                     raise _Stopped() from None
 
     def _notice(self, event: str, detail: str = "") -> None:
@@ -184,11 +158,11 @@ class FeedClient:
             log.info("%s: %s", event, detail)
         self._emit(Notice(event, self._now_ms(), detail))
 
-    def _run(self) -> None:
+    def run(self) -> None:
         attempt = 0
         outage_start: int | None = None
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 healthy = False
                 hard = False
                 try:
@@ -205,17 +179,19 @@ class FeedClient:
                     self._notice("disconnected", _describe(exc))
                 finally:
                     self._close()
-                if self._stop.is_set():
+                if self.stopping:
                     break
                 if outage_start is None:
                     outage_start = self._last_data_ms or self._now_ms()
-                attempt = 0 if healthy else attempt
-                delay = self._backoff(attempt, hard)
+                if healthy:
+                    attempt = 0
+                    self._backoff.reset()
+                delay = (self._hard_backoff if hard else self._backoff).next()
                 attempt += 1
                 self.reconnects += 1
                 self.state = "backoff"
                 self._notice("reconnecting", f"in {delay:.1f} s (attempt {attempt})")
-                if self._stop.wait(delay):
+                if self.sleep(delay):
                     break
         except _Stopped:
             pass
@@ -227,15 +203,6 @@ class FeedClient:
                 self.queue.put(EndOfStream(error), timeout=5)
             except queue.Full:
                 log.warning("feed queue stayed full at shutdown; end-of-stream not delivered")
-
-    def _backoff(self, attempt: int, hard: bool) -> float:
-        o = self.options
-        if hard:
-            base = o.max_connections_backoff
-        else:
-            base = min(o.backoff_max, o.backoff_initial * (2.0**attempt))
-        # Full jitter on the upper half keeps many clients from reconnecting in lockstep.
-        return base * (0.5 + 0.5 * self._rng.random())
 
     def _close(self) -> None:
         ws, self._ws = self._ws, None
@@ -286,7 +253,7 @@ class FeedClient:
         started = time.monotonic()
         healthy = False
         last_frame = last_ping = time.monotonic()
-        while not self._stop.is_set():
+        while not self.stopping:
             now = time.monotonic()
             if not healthy and now - started >= o.healthy_after:
                 healthy = True
@@ -317,7 +284,7 @@ class FeedClient:
 
     def _handshake_status(self, ws: websocket.WebSocket, deadline: float, what: str) -> Status:
         while time.monotonic() < deadline:
-            if self._stop.is_set():
+            if self.stopping:
                 raise _Stopped()
             try:
                 opcode, data = ws.recv_data()

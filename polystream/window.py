@@ -22,6 +22,7 @@ import polars as pl
 from .config import timeframe_name
 from .features import flow_imbalance_expr
 from .indicators import IndicatorParams, IndicatorState, update_many
+from .schema import BarState, bar_columns
 
 _NEVER = -(2**62)
 
@@ -188,6 +189,18 @@ class BarEngine:
             return self._empty()
         self.watermark = max(self.watermark, now_ms + self.offset)
         return self._finalize(eof=False)
+
+    def due_at(self) -> int:
+        """The lowest watermark at which some bar (a zero-volume one included) becomes final:
+        until the watermark reaches it, neither new trades nor `advance` can emit anything but
+        revisions of late trades."""
+        lateness = self.options.lateness
+        due = -_NEVER
+        if self.open.height:
+            due = int((self.open["start"] + self.open["tf"]).min()) + lateness  # type: ignore[arg-type]
+        for (_, tf), (start, _) in self._last.items():
+            due = min(due, start + 2 * tf + lateness)
+        return due
 
     def finish(self) -> pl.DataFrame:
         """End of a replay: every open bar is final."""
@@ -430,7 +443,7 @@ class BarEngine:
         self.watermark = watermark
         return pl.concat(emitted, how="vertical_relaxed")
 
-    def _finalize(self, eof: bool, state: str = "final") -> pl.DataFrame:
+    def _finalize(self, eof: bool, state: BarState = "final") -> pl.DataFrame:
         o = self.options
         if eof:
             due = self.open
@@ -578,34 +591,25 @@ class BarEngine:
 
     # -- output ------------------------------------------------------------------------------
 
-    def _records(self, bars: pl.DataFrame, state: str) -> pl.DataFrame:
+    def _records(self, bars: pl.DataFrame, state: BarState) -> pl.DataFrame:
+        """Bar state rows with their indicators as bar records (`schema.BAR` columns, then the
+        indicators, then `schema.BAR_FEATURES`)."""
         cols = self.options.params.columns
         bars = bars.with_columns(pl.Series("_units", [UNITS] * bars.height, dtype=pl.Float64))
-        return bars.select(
-            "symbol",
-            pl.col("tf")
-            .replace_strict(
-                {tf: timeframe_name(tf) for tf in self.options.timeframes}, return_dtype=pl.String
-            )
-            .alias("timeframe"),
-            "start",
-            (pl.col("start") + pl.col("tf")).alias("end"),
-            "open",
-            "high",
-            "low",
-            "close",
-            _amount(pl.col("volume")).alias("volume"),
-            pl.when(pl.col("volume") > 0)
+        names = {tf: timeframe_name(tf) for tf in self.options.timeframes}
+        made = {
+            "timeframe": pl.col("tf").replace_strict(names, return_dtype=pl.String),
+            "end": pl.col("start") + pl.col("tf"),
+            "volume": _amount(pl.col("volume")),
+            "vwap": pl.when(pl.col("volume") > 0)
             .then(pl.col("pv").cast(pl.Float64) / pl.col("volume").cast(pl.Float64))
-            .otherwise(None)
-            .alias("vwap"),
-            "trades",
-            _amount(pl.col("buy_volume")).alias("buy_volume"),
-            _amount(pl.col("sell_volume")).alias("sell_volume"),
-            pl.lit(state).alias("state"),
-            *cols,
-            flow_imbalance_expr(),
-        )
+            .otherwise(None),
+            "buy_volume": _amount(pl.col("buy_volume")),
+            "sell_volume": _amount(pl.col("sell_volume")),
+            "state": pl.lit(state),
+            "flow_imbalance": flow_imbalance_expr(),
+        }
+        return bars.select(made.get(c, pl.col(c)).alias(c) for c in bar_columns(cols))
 
     def _empty(self) -> pl.DataFrame:
         columns = {**STATE_SCHEMA, **{c: pl.Float64 for c in self.options.params.columns}}

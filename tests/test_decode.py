@@ -6,8 +6,6 @@ from hypothesis import strategies as st
 
 from polystream.decode import Decoder
 from polystream.events import (
-    SIDE_BUY,
-    SIDE_SELL,
     Aggregate,
     Book,
     FairValue,
@@ -16,6 +14,7 @@ from polystream.events import (
     Status,
     Trade,
 )
+from polystream.schema import SIDE_BUY, SIDE_SELL
 
 TRADE = (
     b'{"ev":"XT","pair":"BTC-USD","p":33021.9,"t":1610462007425,"s":0.01616617,'

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from polystream.display import Dashboard
 from polystream.filters import Alert, load_directory, read_filter, shipped_dir
-from polystream.pipeline import FeedState, Snapshot, SymbolState
+from polystream.sinks import FeedState, Output, View
 from test_cli import assert_one_sentence_error, env, records, run
 
 BTC_BARS = Path(__file__).parent.parent / "polystream" / "data" / "btcusd_1m_2019-03-29.csv"
@@ -389,8 +389,10 @@ def test_dashboard_shows_the_latest_console_alerts() -> None:
         for k in range(12)
     ]
     alerts.append(Alert("quiet", "X:BTCUSD", "1m", T0, "info", "not shown", {}, ("telegram",)))
-    snap = Snapshot(T0, [SymbolState("X:BTCUSD")], FeedState(filters=2, alerts=13), alerts=alerts)
-    console.print(Dashboard(console).render(snap))
+    dashboard = Dashboard(["X:BTCUSD"], "1m", console)
+    dashboard.write(Output(alerts=alerts))
+    view = View(T0, ("X:BTCUSD",), ("1m",), 34, FeedState(filters=2, alerts=13))
+    console.print(dashboard.render(view))
     text = console.export_text()
     assert "alerts" in text and "dip 11" in text and "rsi-low X:BTCUSD 1m" in text
     assert "dip 3" not in text  # only the latest few

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 import polystream
 from polystream.analyze import read_bars
-from polystream.batch import QUOTE_SCHEMA, TRADE_SCHEMA
 from polystream.filters import Filter, FilterEngine, FilterError, parse_filter
 from polystream.filters.engine import bar_records
 from polystream.filters.lang import (
@@ -35,6 +34,7 @@ from polystream.filters.lang import (
     parse,
 )
 from polystream.filters.spec import KEYS
+from polystream.schema import QUOTE, TRADE
 
 DATA = Path(polystream.__file__).parent / "data" / "btcusd_1m_2019-03-29.csv"
 MINUTE = 60_000
@@ -276,7 +276,7 @@ def trade_frame() -> pl.DataFrame:
         }
         for i in range(30)
     ]
-    return pl.DataFrame(rows, schema=TRADE_SCHEMA)
+    return pl.DataFrame(rows, schema=TRADE)
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,7 @@ def quote_frame() -> pl.DataFrame:
         }
         for i in range(30)
     ]
-    return pl.DataFrame(rows, schema=QUOTE_SCHEMA)
+    return pl.DataFrame(rows, schema=QUOTE)
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,7 @@ from hypothesis import strategies as st
 
 import polystream
 from polystream.analyze import read_bars
-from polystream.batch import QUOTE_SCHEMA, TRADE_SCHEMA
 from polystream.errors import ConfigError
-from polystream.events import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
 from polystream.filters import (
     Alert,
     Filter,
@@ -51,6 +49,7 @@ from polystream.filters.lang import (
     parse,
 )
 from polystream.filters.spec import MAX_FILE_BYTES, parse_template
+from polystream.schema import QUOTE, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, TRADE
 
 DATA = Path(polystream.__file__).parent / "data" / "btcusd_1m_2019-03-29.csv"
 MINUTE = 60_000
@@ -140,7 +139,7 @@ def trades(rows: list[tuple[str, int, float, float, int]]) -> pl.DataFrame:
         {"symbol": s, "time": t, "price": p, "size": z, "side": d, "exchange": 1, "received": t}
         for s, t, p, z, d in rows
     ]
-    return pl.DataFrame(data, schema=TRADE_SCHEMA)
+    return pl.DataFrame(data, schema=TRADE)
 
 
 def quotes(rows: list[tuple[str, int, float, float, float, float]]) -> pl.DataFrame:
@@ -157,7 +156,7 @@ def quotes(rows: list[tuple[str, int, float, float, float, float]]) -> pl.DataFr
         }
         for s, t, b, bs, a, az in rows
     ]
-    return pl.DataFrame(data, schema=QUOTE_SCHEMA)
+    return pl.DataFrame(data, schema=QUOTE)
 
 
 def make(when: str, name: str = "f", **options: object) -> Filter:

@@ -16,14 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import API_KEY
-from polystream.batch import Batcher
 from polystream.features import BookFeatures
-from polystream.filters import Alert
 from polystream.indicators import IndicatorParams, compute
-from polystream.pipeline import Pipeline, Snapshot
+from polystream.pipeline import Pipeline
 from polystream.record import Recorder, ReplaySource
+from polystream.schema import Alert, Notice
 from polystream.simulator import DemoFeed
-from polystream.source import FeedClient, FeedOptions, Frame, Notice
+from polystream.sinks import BaseSink, Output
+from polystream.source import FeedClient, FeedOptions, Frame
+from polystream.stages import Stages
 from polystream.window import BarOptions
 
 T0 = 1_700_000_100_000
@@ -32,8 +33,10 @@ TIMEFRAMES = (1_000, 60_000)
 LATENESS = 2_000
 
 
-class Capture:
-    """An output that keeps everything the pipeline hands it."""
+class Capture(BaseSink):
+    """A sink that keeps everything the pipeline hands it."""
+
+    name = "capture"
 
     def __init__(self) -> None:
         self.notices: list[Notice] = []
@@ -41,23 +44,12 @@ class Capture:
         self.books: list[BookFeatures] = []
         self.alerts_seen: list[Alert] = []
 
-    def status(self, notice: Notice) -> None:
-        self.notices.append(notice)
-
-    def bars(self, records: pl.DataFrame) -> None:
-        self.frames.append(records)
-
-    def book(self, features: list[BookFeatures]) -> None:
-        self.books.extend(features)
-
-    def alerts(self, alerts: list[Alert]) -> None:
-        self.alerts_seen.extend(alerts)
-
-    def refresh(self, snapshot: Snapshot) -> None:
-        pass
-
-    def close(self, snapshot: Snapshot) -> None:
-        pass
+    def write(self, out: Output) -> None:
+        self.notices += out.notices
+        if out.bars is not None and out.bars.height:
+            self.frames.append(out.bars)
+        self.books += out.book_features
+        self.alerts_seen += out.alerts
 
     @property
     def records(self) -> pl.DataFrame:
@@ -124,14 +116,19 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
 
 
 def replay(path: Path, *, speed: float | None = None, batch: int = 50_000) -> Capture:
+    """Replay with passes of about `batch` events: the replay hands frames over in chunks of
+    a tenth of that, and trades wait for the bar engine up to that many."""
     out = Capture()
     pipeline = Pipeline(
-        ReplaySource(path, speed=speed),
-        list(SYMBOLS.values()),
+        ReplaySource(path, speed=speed, chunk=max(1, batch // 10)),
+        Stages(
+            list(SYMBOLS.values()),
+            BarOptions(timeframes=TIMEFRAMES, lateness=LATENESS),
+            max_pending=batch,
+        ),
         [out],
-        bars=BarOptions(timeframes=TIMEFRAMES, lateness=LATENESS),
         live=False,
-        batcher=Batcher(max_events=batch),
+        max_bytes=batch * 100,
     )
     result = pipeline.run()
     assert not result.interrupted
@@ -280,10 +277,12 @@ def test_feed_aggregates_as_bar_source_and_their_drift() -> None:
         )
         pipeline = Pipeline(
             client,
-            ["X:BTCUSD"],
+            Stages(
+                ["X:BTCUSD"],
+                BarOptions(timeframes=(1_000,), lateness=1_500),
+                bar_source="polygon",
+            ),
             [out],
-            bar_source="polygon",
-            bars=BarOptions(timeframes=(1_000,), lateness=1_500),
         )
         pipeline.run(duration=5.0)
     final = out.records.filter(pl.col("state") == "final")
@@ -291,9 +290,10 @@ def test_feed_aggregates_as_bar_source_and_their_drift() -> None:
     assert final["buy_volume"].sum() == 0  # the feed's aggregates do not split sides
     drift = [n for n in out.notices if n.event == "drift"]
     assert len(drift) == 1 and "bars compared" in drift[0].detail
-    assert pipeline._drift.matched >= 2
+    drift = pipeline.stages.drift
+    assert drift is not None and drift.matched >= 2
     # the demo feed computes its aggregates from its own trades: no drift at all
-    assert pipeline._drift.close_max < 1e-12
+    assert drift.close_max < 1e-12
 
 
 def test_ctrl_c_is_a_request_to_stop_not_an_exception() -> None:
@@ -304,7 +304,7 @@ def test_ctrl_c_is_a_request_to_stop_not_an_exception() -> None:
             feed.url, API_KEY, ["BTC-USD"], ("XT", "XQ"), options=FeedOptions(poll_interval=0.05)
         )
         pipeline = Pipeline(
-            client, ["X:BTCUSD"], [out], bars=BarOptions(timeframes=(1_000,), lateness=200)
+            client, Stages(["X:BTCUSD"], BarOptions(timeframes=(1_000,), lateness=200)), [out]
         )
         threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         result = pipeline.run(duration=20)

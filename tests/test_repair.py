@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import psycopg
 
-from polystream.batch import TRADE_SCHEMA
+from polystream.schema import TRADE
 from polystream.simulator import DemoFeed
 from polystream.window import BarEngine, BarOptions
 from test_cli import env, records, run
@@ -34,7 +34,7 @@ def reference_bars(tape: list[dict[str, object]]) -> dict[int, dict[str, object]
             "trade_id": [t["id"] for t in tape],
             "received": ms,
         },
-        schema=TRADE_SCHEMA,
+        schema=TRADE,
     )
     engine = BarEngine(BarOptions(timeframes=(1_000,)))
     bars = pl.concat([engine.add_trades(trades), engine.finish()])
@@ -112,7 +112,7 @@ def test_without_trades_in_the_plan_the_aggregates_rebuild_the_bars() -> None:
     t0 = 1_700_000_000_000
     before = pl.DataFrame(
         [("X:BTCUSD", t0 + 100, 100.0, 1.0, 2, 1, "a", t0 + 105)],
-        schema=list(TRADE_SCHEMA.items()),
+        schema=list(TRADE.items()),
         orient="row",
     )
     engine.add_trades(before)

@@ -19,7 +19,6 @@ from urllib.parse import parse_qsl, urlsplit
 import polars as pl
 import pytest
 
-from polystream.batch import TRADE_SCHEMA
 from polystream.errors import PolystreamError
 from polystream.rest import (
     AGG_SCHEMA,
@@ -32,6 +31,7 @@ from polystream.rest import (
     backfill,
     timespan,
 )
+from polystream.schema import TRADE as TRADE_SCHEMA
 
 KEY = "pk_rest_SECRET_0123456789abcdef"
 WRONG_KEY = "pk_wrong_SECRET_9876543210zyxw"

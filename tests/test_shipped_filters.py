@@ -9,10 +9,9 @@ import polars as pl
 import pytest
 import talib
 
-from polystream.batch import QUOTE_SCHEMA, TRADE_SCHEMA
-from polystream.events import SIDE_BUY, SIDE_SELL
 from polystream.filters import Alert, Filter, FilterEngine, filter_files, read_filter, shipped_dir
 from polystream.filters.engine import bar_records
+from polystream.schema import QUOTE, SIDE_BUY, SIDE_SELL, TRADE
 
 SYMBOL = "X:BTCUSD"
 MINUTE = 60_000
@@ -478,7 +477,7 @@ def trades(rows: list[tuple[float, float, float, int]]) -> pl.DataFrame:
             (SYMBOL, T0 + round(s * 1000), price, size, side, 1, str(k), T0 + round(s * 1000) + 5)
             for k, (s, price, size, side) in enumerate(rows)
         ],
-        schema=TRADE_SCHEMA,
+        schema=TRADE,
         orient="row",
     )
 
@@ -528,7 +527,7 @@ def quotes(rows: list[tuple[float, float, float]]) -> pl.DataFrame:
             (SYMBOL, T0 + round(s * 1000), 50_000.0, bid, 50_001.0, ask, 1, T0 + round(s * 1000))
             for s, bid, ask in rows
         ],
-        schema=QUOTE_SCHEMA,
+        schema=QUOTE,
         orient="row",
     )
 

@@ -17,10 +17,11 @@ import pytest
 from postgres import Cluster, free_port
 
 from polystream import store
-from polystream.batch import QUOTE_SCHEMA, TRADE_SCHEMA
 from polystream.errors import ConfigError
 from polystream.filters.engine import Alert
 from polystream.indicators import IndicatorParams
+from polystream.schema import QUOTE as QUOTE_SCHEMA
+from polystream.schema import TRADE as TRADE_SCHEMA
 from polystream.store import Store, StoreError
 from polystream.window import BarEngine, BarOptions
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polystream.batch import AGG_SCHEMA, TRADE_SCHEMA
 from polystream.indicators import IndicatorParams
+from polystream.schema import AGGREGATE, TRADE
 from polystream.window import BarEngine, BarOptions
 
 T0 = 1_700_000_100_000  # a five-minute boundary
@@ -19,11 +19,11 @@ SEC, MIN = 1_000, 60_000
 def trades(rows: list[tuple[str, int, float, float, int, int]]) -> pl.DataFrame:
     """(symbol, event time, price, size, side, receipt time) rows as a batch of trades."""
     given = ("symbol", "time", "price", "size", "side", "received")
-    frame = pl.DataFrame(rows, schema=[(k, TRADE_SCHEMA[k]) for k in given], orient="row")
+    frame = pl.DataFrame(rows, schema=[(k, TRADE[k]) for k in given], orient="row")
     return frame.with_columns(
         pl.lit(1, pl.Int16).alias("exchange"),
         pl.int_range(pl.len()).cast(pl.String).alias("trade_id"),
-    ).select(list(TRADE_SCHEMA))
+    ).select(list(TRADE))
 
 
 def t(
@@ -193,7 +193,7 @@ def test_feed_aggregates_as_bar_source() -> None:
     rows += [agg("XAS", T0 + k * SEC, SEC, 100.0, 100.5, 2.0) for k in range(5)]
     rows.sort(key=lambda r: r[-1])  # in the order they arrive
     e = engine(SEC, MIN, 5 * MIN)
-    frame = pl.DataFrame(rows, schema=list(AGG_SCHEMA.items()), orient="row")
+    frame = pl.DataFrame(rows, schema=list(AGGREGATE.items()), orient="row")
     out = pl.concat([e.add_aggregates(frame), e.finish()])
     minute = out.filter(pl.col("timeframe") == "1m")
     assert minute.height == 10 and minute["trades"].to_list() == [4] * 10

@@ -6,6 +6,7 @@ polars and evaluated per micro-batch, producing alerts.
     alerts = engine.on_bars(bar_records)
 """
 
+from ..schema import Alert
 from .directory import (
     Event,
     FilterWatcher,
@@ -17,7 +18,7 @@ from .directory import (
     shipped_dir,
     write_last_fired,
 )
-from .engine import Alert, FilterEngine, run_on_bars
+from .engine import FilterEngine, run_on_bars
 from .lang import FUNCTIONS, Problem, compile_expression, parse
 from .spec import Filter, FilterError, Located, filter_from_options, parse_filter, read_filter
 

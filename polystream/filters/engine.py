@@ -19,6 +19,7 @@ import polars as pl
 
 from ..config import timeframe_name
 from ..indicators import IndicatorParams, IndicatorState, compute, update_many
+from ..schema import BAR, BAR_FEATURES, Alert, bar_columns
 from . import lang
 from .spec import Filter, Template
 
@@ -27,31 +28,6 @@ from .spec import Filter, Template
 SEED_BARS = 300
 _SIDES = {code: name for name, code in lang.SIDES.items()}
 _NOT_VALUES = {"start", "end", "received", "side", "exchange", "time"}
-
-
-class Alert(msgspec.Struct):
-    """One firing of a filter; `record()` is its JSON line (DESIGN §1)."""
-
-    filter: str
-    symbol: str
-    timeframe: str | None
-    time: int
-    severity: str
-    message: str
-    values: dict[str, float | None]
-    notify: tuple[str, ...] = ()
-
-    def record(self) -> dict[str, object]:
-        return {
-            "type": "alert",
-            "filter": self.filter,
-            "symbol": self.symbol,
-            "timeframe": self.timeframe,
-            "time": self.time,
-            "severity": self.severity,
-            "message": self.message,
-            "values": self.values,
-        }
 
 
 @dataclass
@@ -475,23 +451,23 @@ def bar_records(
     p = params or IndicatorParams()
     n = bars.height
 
-    def filled(name: str, value: object, dtype: pl.DataType) -> pl.Series:
+    def filled(name: str, value: object) -> pl.Series:
         # real columns: polars keeps a literal column as a scalar, which `0 < vwap` would not
         # broadcast over
+        dtype = {**BAR, **BAR_FEATURES}[name]
         return pl.Series(name, [value] * n, dtype=dtype)
 
-    frame = bars.rename({"time": "start"}).with_columns(
-        filled("symbol", symbol, pl.String()),
-        filled("timeframe", _timeframe_label(timeframe), pl.String()),
+    known = {"symbol": symbol, "timeframe": _timeframe_label(timeframe), "state": "final"}
+    frame = bars.rename({"time": "start"})
+    frame = frame.with_columns(
         (pl.col("start") + timeframe).alias("end"),
-        filled("vwap", None, pl.Float64()),
-        filled("trades", None, pl.Int64()),
-        filled("buy_volume", None, pl.Float64()),
-        filled("sell_volume", None, pl.Float64()),
-        filled("state", "final", pl.String()),
-        filled("flow_imbalance", None, pl.Float64()),
+        *(
+            filled(c, known.get(c))
+            for c in [*BAR, *BAR_FEATURES]
+            if c not in {*frame.columns, "end"}
+        ),
     )
-    return compute(frame, p)
+    return compute(frame.select([*BAR, *BAR_FEATURES]), p).select(bar_columns(p.columns))
 
 
 def infer_timeframe(times: pl.Series) -> int:

@@ -18,8 +18,8 @@ import msgspec
 import polars as pl
 
 from ..errors import SymbolError
-from ..events import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
 from ..indicators import IndicatorParams
+from ..schema import BAR_FIELDS, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
 from ..symbols import normalize
 
 MAX_LENGTH = 2_000
@@ -332,23 +332,7 @@ def _safe_div(a: pl.Expr, b: pl.Expr) -> pl.Expr:
 
 
 FIELDS: dict[str, dict[str, pl.Expr]] = {
-    "bar": {
-        **{
-            n: _f64(n)
-            for n in (
-                "open",
-                "high",
-                "low",
-                "close",
-                "volume",
-                "vwap",
-                "trades",
-                "buy_volume",
-                "sell_volume",
-            )
-        },
-        SYMBOL: pl.col("symbol"),
-    },
+    "bar": {**{n: _f64(n) for n in BAR_FIELDS}, SYMBOL: pl.col("symbol")},
     "trade": {
         "price": _f64("price"),
         "size": _f64("size"),

@@ -1,0 +1,454 @@
+"""Running polystream from code: `RunOptions` (what `watch` is asked for) and `Settings` become a
+pipeline with its source, stages, sinks, warm-up and gap repair.
+
+    from polystream import RunOptions, run
+    result = run(RunOptions(("X:BTCUSD",), feed="demo", ui="lines", duration=10))
+
+`open_run` gives the pipeline to drive yourself (add a sink, then `run`). Problems are raised as
+`PolystreamError` sentences before anything starts: a bad filter file, a database with pending
+migrations, a feed that needs a key that is not set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+import msgspec
+import polars as pl
+
+from . import display
+from .config import DEFAULT_REST_URL, Settings, check_url, load_settings, timeframe_name
+from .decode import Decoder
+from .errors import ConfigError, PolystreamError
+from .filters import Filter, FilterEngine, FilterWatcher
+from .indicators import IndicatorParams
+from .pipeline import Pipeline, RunResult, Source
+from .record import Recorder, ReplaySource, read_recording
+from .reload import FilterReload
+from .repair import GapRepair
+from .schema import BAR, OHLCV, Alert, empty
+from .simulator import DemoFeed
+from .sinks import BaseSink, Output, RecorderSink, Sink, StoreSink, TelegramSink
+from .source import FeedClient, FeedOptions
+from .stages import BarSource, Stages
+from .symbols import from_pair, normalize, to_pair
+from .window import BarOptions
+
+if TYPE_CHECKING:
+    from .notify import TelegramNotifier
+    from .rest import RestClient
+    from .store import Store
+
+UI: TypeAlias = Literal["dashboard", "lines", "none"]
+
+# Bars of history per symbol and timeframe for a warm-up: a few times the longest warm-up, so
+# that EMA-based indicators have forgotten where the history starts.
+WARMUP_BARS = 300
+# How long the writer and the notifier may take to finish at the end of a run.
+SINK_TIMEOUT = 15.0
+
+
+class RunOptions(msgspec.Struct, frozen=True):
+    """What a run is asked for (the options of `watch`). Times are milliseconds.
+
+    `feed` is polygon, demo, a ws:// or wss:// URL, or a recording to replay (as fast as it
+    can be processed, or at `speed` × real time). `store`/`notify` None mean: on when
+    configured. `filters_dir` None means the settings' directory.
+    """
+
+    symbols: tuple[str, ...]
+    feed: str = "polygon"
+    timeframes: tuple[int, ...] = (60_000,)
+    channels: tuple[str, ...] = ("XT", "XQ")
+    bars: BarSource = "trades"
+    lateness: int = 2_000
+    horizon: int = 60_000
+    ui: UI = "dashboard"
+    json: bool = False
+    duration: float | None = None
+    record: Path | None = None
+    speed: float | None = None
+    seed: int = 0
+    filters_dir: Path | None = None
+    store: bool | None = None
+    notify: bool | None = None
+    warmup: bool = True
+
+
+def run(options: RunOptions, settings: Settings | None = None) -> RunResult:
+    """Run to the end of the feed, `options.duration` or Ctrl-C."""
+    with open_run(options, settings or load_settings()) as pipeline:
+        return pipeline.run(options.duration)
+
+
+@contextlib.contextmanager
+def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
+    """A pipeline ready to `run`, with everything it needs started; stopped again on exit."""
+    symbols = tuple(dict.fromkeys(normalize(s) for s in options.symbols))
+    if not symbols:
+        raise ConfigError("Give at least one symbol, such as X:BTCUSD.")
+    if options.speed is not None and options.speed <= 0:
+        raise ConfigError(
+            f"Invalid --speed {options.speed:g}: give a positive multiple of real time."
+        )
+    watcher = load_filters(options.filters_dir or settings.filters_dir)
+    # bars for the timeframes the filters name are built too, after the ones asked for
+    timeframes = tuple(dict.fromkeys(options.timeframes))
+    wanted = {f.timeframe for f in watcher.filters if f.on == "bar" and f.timeframe}
+    timeframes += tuple(sorted(wanted - set(timeframes)))
+    bar_options = BarOptions(
+        timeframes=timeframes, lateness=options.lateness, horizon=options.horizon
+    )
+    channels = options.channels
+    if options.bars == "polygon":
+        needed = {"XA"} if min(timeframes) >= 60_000 else {"XA", "XAS"}
+        channels = tuple(dict.fromkeys([*channels, *sorted(needed)]))
+    store = _store(settings, options.store)
+    notifier = _notifier(settings, options.notify)
+    filters = FilterEngine(watcher.filters, params=bar_options.params, timeframes=timeframes)
+    stages = Stages(symbols, bar_options, filters=filters, bar_source=options.bars)
+    with contextlib.ExitStack() as stack:
+        source = _source(options, settings, [to_pair(s) for s in symbols], channels, stack)
+        live = not isinstance(source, ReplaySource)
+        units: list[FilterReload | GapRepair] = [FilterReload(watcher, filters, settings.state_dir)]
+        history = _repairer(settings, options.feed, store)
+        if history is not None:
+            units.append(GapRepair(history, stages, lambda: source.gaps))
+        pipeline = Pipeline(
+            source, stages, _sinks(options, symbols, timeframes), units=units, live=live
+        )
+        if options.record is not None:
+            pipeline.add(RecorderSink(Recorder(options.record)))
+        if store is not None:
+            pipeline.add(StoreSink(store, SINK_TIMEOUT))
+        if notifier is not None:
+            pipeline.add(TelegramSink(notifier, SINK_TIMEOUT))
+        if options.warmup and live:
+            history_bars = _history(settings, store is not None, options.feed, symbols, timeframes)
+            if history_bars is not None:
+                pipeline.sinks.write(stages.warm(history_bars, pipeline.now_ms()))
+        yield pipeline
+
+
+def _sinks(options: RunOptions, symbols: Sequence[str], timeframes: Sequence[int]) -> list[Sink]:
+    """What users see: JSON lines first (the latency-critical reader), then lines or the
+    dashboard."""
+    sinks: list[Sink] = []
+    if options.json:
+        sinks.append(display.JsonLines())
+    if options.ui == "lines":
+        sinks.append(display.TextLog(bars=not options.json))
+    elif options.ui == "dashboard":
+        sinks.append(display.Dashboard(symbols, timeframe_name(timeframes[0])))
+    return sinks
+
+
+def load_filters(directory: Path) -> FilterWatcher:
+    """The first scan of the filters directory: a run does not start with an invalid file."""
+    watcher = FilterWatcher(directory)
+    errors = watcher.load()
+    if not errors:
+        return watcher
+    raise InvalidFilters(watcher.directory, errors)
+
+
+class InvalidFilters(ConfigError):
+    """Filter files that are not valid, each problem shown before the sentence."""
+
+    def __init__(self, directory: Path, errors: Sequence[PolystreamError]) -> None:
+        n = len(errors)
+        super().__init__(
+            f"{n} filter file{'s' if n > 1 else ''} in {directory} "
+            f"{'are' if n > 1 else 'is'} not valid; fix or remove "
+            f"{'them' if n > 1 else 'it'} (polystream filter validate shows every problem)."
+        )
+        self.errors = list(errors)
+
+    @property
+    def details(self) -> list[str]:
+        return [line for err in self.errors for line in (err.details or [str(err)])]
+
+
+def _source(
+    options: RunOptions,
+    settings: Settings,
+    pairs: list[str],
+    channels: tuple[str, ...],
+    stack: contextlib.ExitStack,
+) -> Source:
+    feed = options.feed
+    if feed == "demo":
+        demo = stack.enter_context(DemoFeed(seed=options.seed))
+        return FeedClient(demo.url, "demo", pairs, channels)
+    if feed == "polygon" or feed.startswith(("ws://", "wss://")):
+        url = settings.ws_url if feed == "polygon" else feed
+        check_url("--feed", url, ("ws", "wss"))
+        if not settings.api_key:
+            raise ConfigError(
+                "No API key: set POLYGON_API_KEY (or MASSIVE_API_KEY) in the environment or "
+                ".env, or try the built-in feed with `polystream demo`."
+            )
+        return FeedClient(url, settings.api_key, pairs, channels, options=FeedOptions())
+    path = Path(feed)
+    if not path.exists():
+        raise ConfigError(
+            f"--feed {feed!r} is neither polygon, demo, a ws:// or wss:// URL, "
+            "nor an existing recording file."
+        )
+    return ReplaySource(path, speed=options.speed)
+
+
+def database_url(settings: Settings) -> str:
+    if not settings.database_url:
+        raise ConfigError(
+            "DATABASE_URL is not set: put postgresql://user@host:5432/dbname in the environment "
+            "or .env."
+        )
+    return settings.database_url
+
+
+def _store(settings: Settings, wanted: bool | None) -> Store | None:
+    """The database writer, when storage is asked for or DATABASE_URL is set; a database with
+    pending migrations is refused before anything runs."""
+    if wanted is False or (wanted is None and not settings.database_url):
+        return None
+    from .store import Store, require_migrated
+
+    url = database_url(settings)
+    require_migrated(url)
+    return Store(url, settings.state_dir)
+
+
+def _notifier(settings: Settings, wanted: bool | None) -> TelegramNotifier | None:
+    """The Telegram notifier, when asked for or configured."""
+    ready = bool(settings.telegram_bot_token and settings.telegram_chat_ids)
+    if wanted is True and not ready:
+        raise ConfigError(
+            "--notify needs TELEGRAM_BOT_TOKEN and TELEGRAM_CHAT_ID in the environment or .env."
+        )
+    if wanted is False or not ready:
+        return None
+    from .notify import TelegramNotifier
+
+    assert settings.telegram_bot_token is not None
+    return TelegramNotifier(
+        settings.telegram_bot_token,
+        settings.telegram_chat_ids,
+        settings.state_dir,
+        api_url=settings.telegram_api_url,
+    )
+
+
+def has_rest(settings: Settings, feed: str) -> bool:
+    """Whether this feed comes with a REST API to ask for history: the Polygon feed with a key,
+    or another WebSocket feed when POLYGON_REST_URL names its REST server."""
+    if not settings.api_key:
+        return False
+    if feed == "polygon":
+        return True
+    return feed.startswith(("ws://", "wss://")) and settings.rest_url != DEFAULT_REST_URL
+
+
+def _repairer(settings: Settings, feed: str, store: Store | None) -> RestClient | None:
+    """Gap repair needs the REST API and somewhere the repaired bars go."""
+    if store is None or not has_rest(settings, feed) or settings.api_key is None:
+        return None
+    from .rest import RestClient
+
+    return RestClient(settings.rest_url, settings.api_key)
+
+
+def _history(
+    settings: Settings, stored: bool, feed: str, symbols: Sequence[str], timeframes: Sequence[int]
+) -> pl.DataFrame | None:
+    """The latest bars for a warm-up: from the database when storing, else over REST when the
+    feed has a REST API; nothing for the demo feed or a replay."""
+    now = int(time.time() * 1000)
+    if stored:
+        from .store import recent_bars
+
+        return recent_bars(
+            database_url(settings), list(symbols), tuple(timeframes), WARMUP_BARS, now
+        )
+    if not has_rest(settings, feed):
+        return None
+    from . import rest
+
+    # a few quick retries: the run must not wait minutes for history it can do without
+    client = rest.RestClient(
+        settings.rest_url, str(settings.api_key), max_retries=2, backoff_max=2.0, timeout=10
+    )
+    pages = []
+    try:
+        for symbol in symbols:
+            for tf in timeframes:
+                end = now // tf * tf
+                for page in client.aggregates(
+                    symbol, tf, end - WARMUP_BARS * tf, end, allow_empty=True
+                ):
+                    pages.append(rest.bar_records(page, tf))
+    except PolystreamError as exc:
+        display.note(f"no warm-up over REST ({exc}); the indicators warm up live", "yellow")
+        return None
+    return pl.concat(pages) if pages else None
+
+
+# -- history over REST ---------------------------------------------------------------------------
+
+_OUTPUT_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+
+
+def backfill(
+    settings: Settings,
+    symbols: Sequence[str],
+    *,
+    start_ms: int | None,
+    end_ms: int,
+    timeframe_ms: int,
+    trades: bool = False,
+    output: Path | None = None,
+    per_minute: int = 5,
+) -> str:
+    """REST history (aggregates, and trades with `trades`) into the database, or bars into
+    `output`; without `start_ms`, each symbol resumes after its last stored bar. Everything is
+    checked before the first request. Returns what was done, as a sentence."""
+    from . import rest
+    from .analyze import SUFFIXES, write_output
+    from .store import Store, last_bar_start, require_migrated
+
+    if not settings.api_key:
+        raise ConfigError(
+            "No API key: set POLYGON_API_KEY (or MASSIVE_API_KEY) in the environment or .env."
+        )
+    normalized = [normalize(s) for s in dict.fromkeys(symbols)]
+    tf = timeframe_ms
+    if output is None and not settings.database_url:
+        raise ConfigError("Nowhere to put the history: set DATABASE_URL, or give --output FILE.")
+    if output is not None and trades:
+        raise ConfigError("--trades needs the database: a file holds bars only.")
+    if output is not None and not output.name.lower().endswith(_OUTPUT_SUFFIXES):
+        raise ConfigError(f"Cannot write {output}: give it one of the suffixes {SUFFIXES}.")
+    if start_ms is not None and start_ms >= end_ms:
+        raise ConfigError("--from is not before --to: swap them.")
+    starts: dict[str, int] = {}
+    for symbol in normalized:
+        if start_ms is not None:
+            starts[symbol] = start_ms
+        elif output is None and settings.database_url is not None:
+            require_migrated(settings.database_url)
+            last = last_bar_start(settings.database_url, symbol, timeframe_name(tf))
+            if last is None:
+                raise ConfigError(
+                    f"No {timeframe_name(tf)} bars of {symbol} are stored yet: give --from."
+                )
+            starts[symbol] = last + tf
+        else:
+            raise ConfigError("--from is needed when writing to a file.")
+    client = rest.RestClient(settings.rest_url, settings.api_key, per_minute=per_minute)
+    collected: list[pl.DataFrame] = []
+    writer = None
+    if output is None:
+        url = database_url(settings)
+        require_migrated(url)
+        writer = Store(url, settings.state_dir).start()
+
+    def sink(table: str, frame: pl.DataFrame) -> None:
+        if writer is not None:
+            writer.offer(table, frame)
+        elif table == "bars":
+            collected.append(frame)
+
+    rows: dict[str, int] = {}
+    try:
+        with display.BackfillProgress(normalized, min(starts.values()), end_ms) as progress:
+            for symbol in normalized:
+                if starts[symbol] >= end_ms:
+                    rows[symbol] = 0
+                    continue
+                rows.update(
+                    rest.backfill(
+                        client,
+                        [symbol],
+                        starts[symbol],
+                        end_ms,
+                        timeframe_ms=tf,
+                        trades=trades,
+                        sink=sink,
+                        on_page=progress,
+                    )
+                )
+    finally:
+        if writer is not None:
+            writer.stop(60.0)
+    if writer is not None:
+        if writer.fatal is not None:
+            raise writer.fatal
+        stats = writer.stats
+        waiting = (
+            f", {stats.journal_files} batches waiting in the journal" if stats.journal_files else ""
+        )
+        return (
+            f"fetched {sum(rows.values()):,} rows; {stats.rows_written:,} new rows stored{waiting}"
+        )
+    assert output is not None
+    bars = pl.concat(collected).sort("start") if collected else empty(BAR)
+    write_output(bars.select(pl.col("start").alias("time"), *OHLCV), output)
+    return f"wrote {bars.height:,} bars to {output}"
+
+
+# -- trying filters on a recording -------------------------------------------------------------
+
+
+class _Collector(BaseSink):
+    """Keeps the alerts and counts the final bars of a run."""
+
+    name = "collector"
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+        self.final_bars = 0
+
+    def write(self, out: Output) -> None:
+        self.alerts += out.alerts
+        if out.bars is not None:
+            self.final_bars += out.bars.filter(pl.col("state") == "final").height
+
+
+def recording_symbols(path: Path) -> list[str]:
+    """The symbols whose trades or quotes a recording holds, in order of first appearance."""
+    decoder = Decoder()
+    seen: dict[str, None] = {}
+    for frame in read_recording(path):
+        for event in decoder.decode(frame.data):
+            pair = getattr(event, "pair", None)
+            if isinstance(pair, str) and pair not in seen:
+                seen[pair] = None
+    return [from_pair(p) for p in seen]
+
+
+def replay_filters(
+    path: Path,
+    filters: Sequence[Filter],
+    symbols: Sequence[str] | None = None,
+    *,
+    params: IndicatorParams | None = None,
+) -> tuple[list[Alert], int]:
+    """Replay a recording through the whole pipeline with `filters` attached: the alerts they
+    would have raised, and how many final bars were built."""
+    p = params or IndicatorParams()
+    timeframes = tuple(sorted({f.timeframe or 60_000 for f in filters if f.on == "bar"})) or (
+        60_000,
+    )
+    watched = list(symbols) if symbols else recording_symbols(path)
+    collector = _Collector()
+    stages = Stages(
+        watched,
+        BarOptions(timeframes=timeframes, params=p),
+        filters=FilterEngine(filters, params=p, timeframes=timeframes),
+    )
+    Pipeline(ReplaySource(path), stages, [collector], live=False).run()
+    return collector.alerts, collector.final_bars

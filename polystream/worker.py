@@ -14,7 +14,7 @@ import queue
 import random
 import threading
 import time
-from typing import Generic, TypeVar
+from typing import Generic, Self, TypeVar
 
 from .errors import PolystreamError
 
@@ -89,7 +89,7 @@ class Worker(Generic[T]):
 
     # -- the owner's side ------------------------------------------------------------------------
 
-    def start(self) -> Worker[T]:
+    def start(self) -> Self:
         if self._thread is None:
             self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
             self._thread.start()

@@ -1,5 +1,5 @@
 """Alerts → Telegram: `offer` (pipeline thread) stores one outbox row per (chat, alert); the
-worker thread `polystream-telegram` sends them, deleting a row only once Telegram accepted it.
+worker `polystream-telegram` sends them, deleting a row only once Telegram accepted it.
 
 The outbox is a SQLite file in the state directory, so what is undelivered at `stop` goes out
 with the next run, once per chat. Sending keeps within Telegram's rate limits; a backlog for one
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import msgspec
@@ -30,6 +30,7 @@ import requests
 from .config import DEFAULT_TELEGRAM_API_URL, RedactingFilter, Redactor
 from .errors import PolystreamError
 from .schema import Alert
+from .worker import Backoff, Worker
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +170,13 @@ class _Job:
     digest: bool
 
 
-class TelegramNotifier:
+class TelegramNotifier(Worker[Sequence[Alert]]):
     """Sends alerts to every chat in `chat_ids` through the Bot API at `api_url`.
 
-    `offer` never blocks on the network and never drops: each alert is first stored in the
-    outbox in `state_dir`. `stop` delivers what is pending until the outbox is empty or the
-    timeout passes; what is left is delivered by the next notifier on the same `state_dir`.
+    Its inbox is the outbox in `state_dir`, not memory: `offer` stores each alert there before it
+    returns, so it never blocks on the network and never drops, however much is pending. `stop`
+    delivers what is pending until the outbox is empty or the timeout passes; what is left is
+    delivered by the next notifier on the same `state_dir`.
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class TelegramNotifier:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
+        super().__init__("polystream-telegram")
         if not token:
             raise NotifyError("No Telegram bot token is set: set TELEGRAM_BOT_TOKEN.")
         if isinstance(chat_ids, str):
@@ -220,15 +223,11 @@ class TelegramNotifier:
         self._chat_next: dict[str, float] = {}
         self._window: collections.deque[float] = collections.deque()
         self._hold_until = 0.0
-        self._backoff = backoff_initial
+        self._backoff = Backoff(backoff_initial, backoff_max)
         self._failing = False
 
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = False
         self._abort = False
-        self._deadline = float("inf")
-        self._thread: threading.Thread | None = None
         self._session = requests.Session()
         self._closed = False
 
@@ -303,15 +302,12 @@ class TelegramNotifier:
             shown["telegram failed"] = s.failed
         return shown
 
-    def start(self) -> TelegramNotifier:
-        if self._thread is None:
+    def start(self) -> Self:
+        # Adding the filter again is a no-op; once stopped, no thread is started that needs it.
+        if not self._closed:
             for name in _URLLIB3_LOGGERS:
                 logging.getLogger(name).addFilter(self._log_filter)
-            self._thread = threading.Thread(
-                target=self._run, name="polystream-telegram", daemon=True
-            )
-            self._thread.start()
-        return self
+        return super().start()
 
     def offer(self, alerts: Sequence[Alert]) -> None:
         """Store `alerts` for every chat (durably, before returning) and wake the worker."""
@@ -337,28 +333,26 @@ class TelegramNotifier:
             self._stats.pending += len(rows)
             # A chat that refused the bot was reported once; its alerts count as failed.
             self._stats.failed += len(encoded) * (len(self.chat_ids) - len(live))
-        self._wake.set()
+        self.wake()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float | None = 10.0) -> None:
         """Deliver what is pending for up to `timeout` seconds, then stop the worker; whatever is
-        undelivered stays in the outbox."""
-        thread = self._thread
-        if thread is not None:
-            self._deadline = time.monotonic() + max(0.0, timeout)
-            self._stopping = True
-            self._wake.set()
-            thread.join(max(0.0, timeout))
-            if thread.is_alive():
-                self._abort = True
-                self._wake.set()
-                # A request in flight was given at most the time left, so this wait is short.
-                thread.join(1.0)
-            if thread.is_alive():
-                # Its request may still be logged by urllib3: the token filter stays on.
-                log.warning("The Telegram notifier did not stop in time; its outbox stays open.")
-                return
-            for name in _URLLIB3_LOGGERS:
-                logging.getLogger(name).removeFilter(self._log_filter)
+        undelivered stays in the outbox. None: deliver everything, without waiting here (the
+        outbox stays open)."""
+        super().stop(None if timeout is None else max(0.0, timeout))
+        if timeout is None and self.alive:
+            return
+        if self.alive:
+            self._abort = True
+            self.wake()
+            # A request in flight was given at most the time left, so this wait is short.
+            self.join(1.0)
+        if self.alive:
+            # Its request may still be logged by urllib3: the token filter stays on.
+            log.warning("The Telegram notifier did not stop in time; its outbox stays open.")
+            return
+        for name in _URLLIB3_LOGGERS:
+            logging.getLogger(name).removeFilter(self._log_filter)
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -367,29 +361,29 @@ class TelegramNotifier:
 
     # -- the worker ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             while not self._done():
                 delay = self._step()
-                if self._stopping:
-                    left = self._deadline - time.monotonic()
+                if self.stopping:
+                    left = self.left()
                     if left <= 0:
                         break
                     delay = left if delay is None else min(delay, left)
                 if delay is None or delay > 0:
-                    self._wake.wait(delay)
-                    self._wake.clear()
+                    self.pause(delay)
         except Exception as exc:
-            self._problem(
-                ("worker", ""),
+            sentence = self._redact(
                 f"The Telegram notifier stopped after an unexpected error "
-                f"({type(exc).__name__}: {exc}); undelivered alerts stay in the outbox.",
+                f"({type(exc).__name__}: {exc}); undelivered alerts stay in the outbox."
             )
+            self._problem(("worker", ""), sentence)
+            self.fatal = NotifyError(sentence)
 
     def _done(self) -> bool:
         if self._abort:
             return True
-        return self._stopping and (self._halted or self._stats.pending == 0)
+        return self.stopping and (self._halted or self._stats.pending == 0)
 
     def _step(self) -> float | None:
         """Send the next part that is due; return how long to wait before trying again
@@ -468,9 +462,9 @@ class TelegramNotifier:
     def _send(self, job: _Job) -> None:
         chat = job.chat
         timeout = self.timeout
-        if self._stopping:
+        if self.stopping:
             # A request must not outlive stop()'s deadline by much.
-            timeout = min(timeout, max(0.2, self._deadline - time.monotonic()))
+            timeout = min(timeout, max(0.2, self.left()))
         payload = {
             "chat_id": chat,
             "text": job.parts[job.sent],
@@ -556,7 +550,7 @@ class TelegramNotifier:
                 self._stats.digests += job.digest
                 del self._jobs[job.chat]
         self._chat_next[job.chat] = done + self._interval(job.chat)
-        self._backoff = self.backoff_initial
+        self._backoff.reset()
         self._hold_until = 0.0
         if self._failing:
             self._failing = False
@@ -565,11 +559,11 @@ class TelegramNotifier:
     def _transient(self, what: str) -> None:
         """A server error or a network failure: retry everything later, backing off."""
         self._stats.retried += 1
-        self._hold_until = time.monotonic() + self._backoff
+        delay = self._backoff.next()
+        self._hold_until = time.monotonic() + delay
         level = logging.DEBUG if self._failing else logging.WARNING
-        log.log(level, "%s", self._redact(f"{what}; retrying in {self._backoff:g} s."))
+        log.log(level, "%s", self._redact(f"{what}; retrying in {delay:.2g} s."))
         self._failing = True
-        self._backoff = min(self._backoff * 2, self.backoff_max)
 
     def _refused(self, chat: str, sentence: str) -> None:
         self._dead.add(chat)

@@ -21,8 +21,9 @@ import requests
 
 from .config import TIMEFRAMES, Redactor, check_url, redact, timeframe_name
 from .errors import PolystreamError
-from .schema import TRADE as TRADE_SCHEMA
+from .schema import BAR, OHLCV, TRADE, Schema, trade_side
 from .symbols import normalize
+from .worker import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +37,13 @@ _TIMESPANS = (
     (1_000, "second"),
 )
 
-AGG_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
+AGG_SCHEMA: Schema = {
     "time": pl.Int64,
-    "open": pl.Float64,
-    "high": pl.Float64,
-    "low": pl.Float64,
-    "close": pl.Float64,
-    "volume": pl.Float64,
-    "vwap": pl.Float64,
-    "trades": pl.Int64,
+    **{c: BAR[c] for c in (*OHLCV, "vwap", "trades")},
     "symbol": pl.String,
 }
-BAR_RECORD_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
-    "symbol": pl.String,
-    "timeframe": pl.String,
-    "start": pl.Int64,
-    "end": pl.Int64,
-    "open": pl.Float64,
-    "high": pl.Float64,
-    "low": pl.Float64,
-    "close": pl.Float64,
-    "volume": pl.Float64,
-    "vwap": pl.Float64,
-    "trades": pl.Int64,
-    "buy_volume": pl.Float64,
-    "sell_volume": pl.Float64,
-    "state": pl.String,
-}
+"""An aggregates page: the bar's start as `time`, then the REST API's own columns."""
+BAR_RECORD_SCHEMA = BAR  # what `bar_records` makes, under the name the backfill command uses
 
 
 class RestError(PolystreamError):
@@ -238,7 +219,7 @@ class RestClient:
     def trades(
         self, symbol: str, start_ms: int, end_ms: int, *, allow_empty: bool = True
     ) -> Iterator[pl.DataFrame]:
-        """Pages of trades in [start_ms, end_ms), oldest first, with `TRADE_SCHEMA` columns.
+        """Pages of trades in [start_ms, end_ms), oldest first, with `schema.TRADE` columns.
 
         A quiet pair may have no trades in a short range, so an empty result is not an error
         unless `allow_empty` is false.
@@ -291,12 +272,12 @@ class RestClient:
             "stopped; ask for a shorter range."
         )
 
-    def _backoff(self, attempt: int) -> float:
-        return float(min(self.backoff_max, self.backoff_initial * 2**attempt))
-
     def _get(self, target: str, ticker: str, what: str) -> dict[str, Any]:
         url = self.base_url + target
         headers = {"Authorization": f"Bearer {self._key}", "Accept": "application/json"}
+        # No jitter: the rate limiter already paces this client, and the documented doubling
+        # stays exact.
+        backoff = Backoff(self.backoff_initial, self.backoff_max, jitter=0.0)
         problem = ""
         for attempt in range(self.max_retries + 1):
             self.limiter.acquire()
@@ -305,17 +286,19 @@ class RestClient:
                 resp = self.session.get(url, headers=headers, timeout=self.timeout)
             except requests.RequestException as exc:
                 problem = f"could not be reached ({type(exc).__name__})"
-                delay = self._backoff(attempt)
+                delay = backoff.next()
                 detail = self._redact(str(exc))
             else:
                 if resp.status_code == 429:
                     problem = "kept answering HTTP 429 Too Many Requests"
                     hinted = _retry_after(resp.headers.get("Retry-After"))
-                    delay = self._backoff(attempt) if hinted is None else hinted
+                    delay = backoff.next()  # counted even when the server says how long
+                    if hinted is not None:
+                        delay = hinted
                     detail = "HTTP 429"
                 elif resp.status_code in _RETRY_STATUSES:
                     problem = f"kept answering HTTP {resp.status_code}"
-                    delay = self._backoff(attempt)
+                    delay = backoff.next()
                     detail = f"HTTP {resp.status_code}"
                 else:
                     return self._decode(resp, ticker, what)
@@ -419,14 +402,6 @@ def _agg_frame(ticker: str, results: Sequence[Mapping[str, Any]]) -> pl.DataFram
     )
 
 
-def _side(conditions: object) -> int:
-    if isinstance(conditions, list):
-        for c in conditions:
-            if c in (1, 2):
-                return int(c)
-    return 0
-
-
 def _trade_time(r: Mapping[str, Any]) -> int | None:
     # Crypto trades carry only the exchange's `participant_timestamp` (ns); `sip_timestamp` is
     # accepted in case the API adds it.
@@ -442,34 +417,30 @@ def _trade_frame(ticker: str, results: Sequence[Mapping[str, Any]]) -> pl.DataFr
             "time": times,
             "price": [r.get("price") for r in results],
             "size": [r.get("size") for r in results],
-            "side": [_side(r.get("conditions")) for r in results],
+            "side": [trade_side(r.get("conditions")) for r in results],
             "exchange": [r.get("exchange") for r in results],
             "trade_id": [None if r.get("id") is None else str(r["id"]) for r in results],
             "received": times,
         },
-        schema=TRADE_SCHEMA,
+        schema=TRADE,
         strict=False,
     )
 
 
 def bar_records(frame: pl.DataFrame, timeframe_ms: int) -> pl.DataFrame:
-    """Aggregate pages as final bar records (the `bars` table's columns)."""
+    """Aggregate pages as final bar records, with `schema.BAR`'s columns and dtypes."""
+    made = {
+        "timeframe": pl.lit(timeframe_name(timeframe_ms)),
+        "start": pl.col("time"),
+        "end": pl.col("time") + timeframe_ms,
+        # Aggregates do not split the volume by side.
+        "buy_volume": pl.lit(None),
+        "sell_volume": pl.lit(None),
+        "state": pl.lit("final"),
+    }
     return frame.select(
-        "symbol",
-        pl.lit(timeframe_name(timeframe_ms)).alias("timeframe"),
-        pl.col("time").alias("start"),
-        (pl.col("time") + timeframe_ms).alias("end"),
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "vwap",
-        "trades",
-        pl.lit(None, dtype=pl.Float64).alias("buy_volume"),
-        pl.lit(None, dtype=pl.Float64).alias("sell_volume"),
-        pl.lit("final").alias("state"),
-    ).cast(BAR_RECORD_SCHEMA)  # type: ignore[arg-type]
+        (made[c] if c in made else pl.col(c)).cast(t).alias(c) for c, t in BAR.items()
+    )
 
 
 def backfill(
@@ -486,7 +457,7 @@ def backfill(
     """Send every page for every symbol to `sink("bars" | "trades", frame)`; rows per symbol.
 
     Everything is checked before the first request: the range, the timeframe and the symbols.
-    Bars are final bar records; trades have `TRADE_SCHEMA` columns.
+    Bars are final bar records; trades have `schema.TRADE` columns.
     """
     _check_range(start_ms, end_ms)
     if timeframe_ms not in TIMEFRAMES.values():

@@ -1,4 +1,4 @@
-"""Storage in PostgreSQL/TimescaleDB. `Store` runs its own `polystream-store` thread: `offer` never
+"""Storage in PostgreSQL/TimescaleDB. `Store` is the `polystream-store` worker: `offer` never
 blocks, rows go in with COPY and idempotent upserts, or to an on-disk journal while the database is
 away. `migrate`, `rollback`, `migration_status`, `require_migrated`: yoyo, on the caller's thread.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import queue
 import re
 import threading
 import time
@@ -25,8 +24,11 @@ import psycopg
 import psycopg.errors
 import yoyo
 import yoyo.exceptions
+from polars._typing import PolarsDataType
 
 from .errors import ConfigError, PolystreamError
+from .schema import ALERT, BAR, BOOK, GAP, QUOTE, TRADE, Schema, bar_schema
+from .worker import Backoff, Worker
 
 TABLES = ("trades", "quotes", "bars", "books", "alerts", "gaps")
 MIGRATE_COMMAND = "polystream migrate"
@@ -250,15 +252,7 @@ def recent_bars(
         ) AS recent
         ORDER BY start
     """
-    schema = {
-        "symbol": pl.String,
-        "timeframe": pl.String,
-        "start": pl.Int64,
-        **{c: pl.Float64 for c in ("open", "high", "low", "close", "volume", "vwap")},
-        "trades": pl.Int64,
-        "buy_volume": pl.Float64,
-        "sell_volume": pl.Float64,
-    }
+    schema = {c: t for c, t in BAR.items() if c not in ("end", "state")}
     rows: list[tuple[Any, ...]] = []
     try:
         with psycopg.connect(_driver_url(url), connect_timeout=CONNECT_TIMEOUT) as conn:
@@ -288,10 +282,11 @@ def last_bar_start(url: str, symbol: str, timeframe: str) -> int | None:
 
 # --- tables -------------------------------------------------------------------------------------
 
-_PG_TYPES: dict[type[pl.DataType], str] = {
+_PG_TYPES: dict[PolarsDataType, str] = {
     pl.String: "text",
     pl.Int64: "int8",
     pl.Int16: "int2",
+    pl.Int8: "int2",  # PostgreSQL has no one-byte integer
     pl.Float64: "float8",
 }
 
@@ -309,7 +304,7 @@ class _Table:
 
     name: str
     target: str
-    columns: dict[str, type[pl.DataType]]
+    columns: Schema
     required: tuple[str, ...]
     insert: str
     json: tuple[str, ...] = ()
@@ -342,27 +337,26 @@ def _upsert_set(table: str, columns: Sequence[str]) -> str:
     return f"DO UPDATE SET {assignments} WHERE ({old}) IS DISTINCT FROM ({new})"
 
 
-_BAR_VALUES = (
-    "end", "open", "high", "low", "close", "volume", "vwap", "trades", "buy_volume",
-    "sell_volume", "state", "rsi", "stoch_k", "stoch_d", "macd", "macd_signal", "macd_hist",
-    "ao", "cci", "bb_upper", "bb_middle", "bb_lower", "flow_imbalance",
+def _table_order(record: Schema, *leading: str) -> Schema:
+    """`record`'s columns in its table's order: `leading` first, then the rest as in `record`."""
+    return {**{c: record[c] for c in leading}, **record}
+
+
+# The bars table has one column per indicator, named without the periods a run's columns carry
+# (rsi_14 is stored as rsi); the migrations fix this list.
+_BAR_INDICATORS = (
+    "rsi", "stoch_k", "stoch_d", "macd", "macd_signal", "macd_hist", "ao", "cci",
+    "bb_upper", "bb_middle", "bb_lower",
 )  # fmt: skip
-_F = pl.Float64
+_BAR_TABLE = bar_schema(_BAR_INDICATORS)
+_BAR_KEY = ("symbol", "timeframe", "start")
+_BAR_VALUES = tuple(c for c in _BAR_TABLE if c not in _BAR_KEY)
 
 _SPECS: dict[str, _Table] = {
     "trades": _Table(
         "trades",
         "trades",
-        {
-            "symbol": pl.String,
-            "time": pl.Int64,
-            "exchange": pl.Int16,
-            "trade_id": pl.String,
-            "price": _F,
-            "size": _F,
-            "side": pl.Int16,
-            "received": pl.Int64,
-        },
+        _table_order(TRADE, "symbol", "time", "exchange", "trade_id"),
         ("symbol", "time", "price", "size"),
         # A trade without an id is keyed by its content, so that a replay still finds it.
         'INSERT INTO trades (symbol, "time", exchange, trade_id, price, size, side, received) '
@@ -375,16 +369,7 @@ _SPECS: dict[str, _Table] = {
     "quotes": _Table(
         "quotes",
         "quotes",
-        {
-            "symbol": pl.String,
-            "time": pl.Int64,
-            "exchange": pl.Int16,
-            "bid": _F,
-            "bid_size": _F,
-            "ask": _F,
-            "ask_size": _F,
-            "received": pl.Int64,
-        },
+        _table_order(QUOTE, "symbol", "time", "exchange"),
         ("symbol", "time", "bid", "bid_size", "ask", "ask_size"),
         'INSERT INTO quotes (symbol, "time", exchange, bid, bid_size, ask, ask_size, received) '
         f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), bid, bid_size, ask, ask_size, "
@@ -394,17 +379,8 @@ _SPECS: dict[str, _Table] = {
     "bars": _Table(
         "bars",
         "bars",
-        {
-            "symbol": pl.String,
-            "timeframe": pl.String,
-            "start": pl.Int64,
-            **{
-                c: (pl.Int64 if c == "trades" else pl.String if c == "state" else _F)
-                for c in _BAR_VALUES
-                if c != "end"
-            },
-            "end": pl.Int64,
-        },
+        # Staged with `end` last, so that the staging table and journal files keep one layout.
+        {**{c: t for c, t in _BAR_TABLE.items() if c != "end"}, "end": _BAR_TABLE["end"]},
         ("symbol", "timeframe", "start", "end", "state"),
         "INSERT INTO bars (symbol, timeframe, start, "
         + ", ".join(f'"{c}"' for c in _BAR_VALUES)
@@ -416,13 +392,7 @@ _SPECS: dict[str, _Table] = {
     "books": _Table(
         "books",
         "book_snapshots",
-        {
-            "symbol": pl.String,
-            "time": pl.Int64,
-            "exchange": pl.Int16,
-            "bids": pl.String,
-            "asks": pl.String,
-        },
+        BOOK,
         ("symbol", "time", "bids", "asks"),
         'INSERT INTO book_snapshots (symbol, "time", exchange, bids, asks) '
         f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), bids::jsonb, asks::jsonb "
@@ -432,15 +402,7 @@ _SPECS: dict[str, _Table] = {
     "alerts": _Table(
         "alerts",
         "alerts",
-        {
-            "filter": pl.String,
-            "symbol": pl.String,
-            "timeframe": pl.String,
-            "time": pl.Int64,
-            "severity": pl.String,
-            "message": pl.String,
-            "values": pl.String,
-        },
+        ALERT,
         ("filter", "symbol", "time", "severity", "message", "values"),
         'INSERT INTO alerts (filter, symbol, timeframe, "time", severity, message, "values") '
         f'SELECT filter, symbol, timeframe, {_ts("time")}, severity, message, "values"::jsonb '
@@ -450,7 +412,7 @@ _SPECS: dict[str, _Table] = {
     "gaps": _Table(
         "gaps",
         "gaps",
-        {"symbol": pl.String, "start": pl.Int64, "end": pl.Int64},
+        GAP,
         ("symbol", "start", "end"),
         'INSERT INTO gaps (symbol, start, "end") '
         f"SELECT symbol, {_ts('start')}, {_ts('end')} FROM stage_gaps "
@@ -660,12 +622,13 @@ class _Lost(Exception):
     """The connection failed; the batch is still to be written."""
 
 
-class Store:
+class Store(Worker[_Item]):
     """The database writer: see the module docstring.
 
-    Order is kept per table (a revised bar always lands after its final version): every offer
-    gets a sequence number, and while the journal holds older offers, newer ones join it and
-    the journal is replayed oldest first.
+    Its inbox holds up to `inbox_size` offers; when it is full, an offer goes to the journal on
+    disk (`overflow`), so that `offer` neither blocks nor drops. Order is kept per table (a revised
+    bar always lands after its final version): every offer gets a sequence number, and while the
+    journal holds older offers, newer ones join it and the journal is replayed oldest first.
     """
 
     def __init__(
@@ -679,70 +642,61 @@ class Store:
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
     ) -> None:
+        super().__init__(THREAD_NAME, inbox_size=max(1, inbox_size))
         self._url = url
         self._conninfo = _driver_url(url)
         self._where = where(url)
         self._batch_rows = batch_rows
         self._flush_every = flush_every
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
         self.journal = Journal(Path(state_dir) / "journal")
-        self._inbox: queue.Queue[_Item] = queue.Queue(maxsize=inbox_size)
         self._lock = threading.Lock()  # numbering and placing an offer happen as one step
         self._next_seq = self.journal.next_seq
         self._closed = False
-        self._stopping = threading.Event()
-        self._deadline = 0.0
         self._margin = 0.0
-        self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._ever_connected = False
-        self._delay = backoff_initial
+        self._backoff = Backoff(backoff_initial, backoff_max)
         self._next_attempt = 0.0
         self._stats_lock = threading.Lock()
         self._rows: dict[str, int] = dict.fromkeys(TABLES, 0)
         self._reconnects = 0
         self._last_error: str | None = None
-        self.fatal: PolystreamError | None = None
 
     # -- the caller's side -----------------------------------------------------------------------
 
-    def start(self) -> Store:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
-            self._thread.start()
-        return self
-
-    def offer(self, table: str, frame: pl.DataFrame) -> None:
+    # The pipeline hands over (table, rows); the inbox holds them numbered, hence the signature.
+    def offer(self, table: str, frame: pl.DataFrame) -> None:  # type: ignore[override]
         """Hand over rows for `table`; never blocks on the database (a full inbox, or a stopped
         store, sends the frame to the journal on disk instead)."""
         _check_frame(table, frame)
         if frame.height == 0:
             return
         with self._lock:
-            seq = self._next_seq
+            item = _Item(self._next_seq, table, frame)
             self._next_seq += 1
-            if not self._closed:
-                try:
-                    self._inbox.put_nowait(_Item(seq, table, frame))
-                    return
-                except queue.Full:
-                    pass
-            self.journal.write(seq, table, frame)
+            if self._closed:
+                self.overflow(item)
+            else:
+                super().offer(item)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def overflow(self, item: _Item) -> None:
+        """The inbox is full: the offer goes to the journal, in its place in the order."""
+        self.journal.write(item.seq, item.table, item.frame)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
         """Write what the inbox holds to the database (or the journal, if the database cannot
-        be reached) within `timeout` seconds, then close."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
+        be reached) within `timeout` seconds, then close (None: without a time limit, and
+        without waiting). Later offers go to the journal."""
+        if timeout is not None:
+            # Part of the time is kept for journaling what the database did not take.
             self._margin = min(1.0, timeout / 4)
-            self._deadline = time.monotonic() + timeout
-            self._stopping.set()
-            thread.join(timeout)
+            # Each call gives the writer its own time, a second one included.
+            self.deadline = time.monotonic() + timeout
+        super().stop(timeout)
         with self._lock:
             self._closed = True
             # Left only when the thread is gone or overran its time: keep it on disk.
-            self._journal_items(self._drain())
+            self._journal_items(self.drain())
 
     @property
     def stats(self) -> StoreStats:
@@ -769,11 +723,11 @@ class Store:
 
     # -- the worker thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             while True:
-                stopping = self._stopping.is_set()
-                if stopping and self._deadline - time.monotonic() <= self._margin:
+                stopping = self.stopping
+                if stopping and self.left() <= self._margin:
                     break
                 items, horizon = self._take(0.0 if stopping else self._wait())
                 if stopping and not items and not self._replaying(horizon):
@@ -790,7 +744,7 @@ class Store:
                         self._journal_items(items)
         finally:
             with contextlib.suppress(PolystreamError):
-                self._journal_items(self._drain())
+                self._journal_items(self.drain())
             self._disconnect()
 
     def _replaying(self, horizon: int) -> bool:
@@ -809,19 +763,16 @@ class Store:
     def _take(self, wait: float) -> tuple[list[_Item], int]:
         """Offers from the inbox, up to `batch_rows` rows gathered over at most `wait` seconds,
         and the horizon: every offer numbered below it is in hand or in the journal."""
+        assert self.inbox is not None
         items: list[_Item] = []
         rows = 0
         deadline = time.monotonic() + wait
         while rows < self._batch_rows:
             left = deadline - time.monotonic()
-            try:
-                if left > 0:
-                    # Short waits, so that `stop` is noticed at once.
-                    item = self._inbox.get(timeout=min(left, 0.05))
-                else:
-                    item = self._inbox.get_nowait()
-            except queue.Empty:
-                if left > 0 and not self._stopping.is_set():
+            # Short waits: `stop` cannot leave its wake-up in a full inbox, and is noticed at once.
+            item = self.take(min(left, 0.05) if left > 0 else 0.0)
+            if item is None:
+                if left > 0 and not self.stopping:
                     continue
                 break
             items.append(item)
@@ -829,18 +780,11 @@ class Store:
         if items:
             return items, items[-1].seq + 1
         with self._lock:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return [], self._next_seq
+            # `take` also returns None for the wake-up `stop` leaves, which may precede an offer.
+            while (item := self.take(0.0)) is None:
+                if self.inbox.empty():
+                    return [], self._next_seq
         return [item], item.seq + 1
-
-    def _drain(self) -> list[_Item]:
-        items = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                items.append(self._inbox.get_nowait())
-        return items
 
     def _round(self, items: list[_Item], horizon: int) -> None:
         if self.fatal is None and self._conn is None and time.monotonic() >= self._next_attempt:
@@ -926,7 +870,7 @@ class Store:
                 self._reconnects += 1
             self._ever_connected = True
             self._conn = conn
-        self._delay = self._backoff_initial
+        self._backoff.reset()
 
     def _connect_failed(self, exc: psycopg.Error) -> None:
         error = connect_error(self._url, exc)
@@ -1023,8 +967,7 @@ class Store:
     def _retry_later(self, error: StoreError) -> None:
         with self._stats_lock:
             self._last_error = str(error)
-        self._next_attempt = time.monotonic() + self._delay
-        self._delay = min(self._delay * 2, self._backoff_max)
+        self._next_attempt = time.monotonic() + self._backoff.next()
 
     def _fail(self, error: PolystreamError) -> None:
         """Retrying cannot fix this: from now on every offer goes to the journal."""

@@ -22,7 +22,6 @@ import pytest
 from polystream.errors import PolystreamError
 from polystream.rest import (
     AGG_SCHEMA,
-    BAR_RECORD_SCHEMA,
     NotEntitled,
     RestAuthError,
     RestClient,
@@ -31,7 +30,7 @@ from polystream.rest import (
     backfill,
     timespan,
 )
-from polystream.schema import TRADE as TRADE_SCHEMA
+from polystream.schema import BAR, TRADE
 
 KEY = "pk_rest_SECRET_0123456789abcdef"
 WRONG_KEY = "pk_wrong_SECRET_9876543210zyxw"
@@ -277,7 +276,7 @@ def test_trades_are_converted_to_the_trade_schema(api: FakeMassive) -> None:
     pages = list(client(api).trades("X:ETHUSD", T0, T0 + 7_000))
     assert [p.height for p in pages] == [3, 3, 1]
     got = pl.concat(pages)
-    assert got.schema == pl.Schema(TRADE_SCHEMA)
+    assert got.schema == pl.Schema(TRADE)
     times = [T0 + i * 1000 for i in range(7)]
     assert got.to_dict(as_series=False) == {
         "symbol": ["X:ETHUSD"] * 7,
@@ -478,7 +477,7 @@ def test_backfill_sends_every_page_once_and_repeats_identically(api: FakeMassive
         ("X:BTCUSD", 1, T0 + 7 * MINUTE),
     ]
     bars = pl.concat(f for t, f in stored if t == "bars")
-    assert bars.schema == pl.Schema(BAR_RECORD_SCHEMA)
+    assert bars.schema == pl.Schema(BAR)
     btc = bars.filter(pl.col("symbol") == "X:BTCUSD")
     assert btc["start"].to_list() == [T0 + i * MINUTE for i in range(7)]
     assert (btc["end"] - btc["start"]).unique().to_list() == [MINUTE]

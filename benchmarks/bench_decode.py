@@ -44,10 +44,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import msgspec
+from common import cpu_model, fmt_rate, version
 from massive.websocket.models import Market, parse
 
 from polystream.decode import Decoder
@@ -320,28 +320,6 @@ def rss_bytes() -> tuple[int, str]:
         # ru_maxrss is KiB on Linux but bytes on macOS; without /proc it is only a peak.
         scale = 1 if sys.platform == "darwin" else 1024
         return peak * scale, "peak RSS from getrusage (no /proc): growth is an upper bound"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "(not installed: source tree)"
-
-
-def fmt_rate(per_s: float) -> str:
-    return f"{per_s / 1e6:6.3f} M events/s"
 
 
 def time_paths(frames: Sequence[bytes | str], events: int, repeat: int) -> dict[str, float]:

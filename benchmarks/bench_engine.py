@@ -13,39 +13,45 @@ directory.
 
 It measures:
 
-1. Throughput, best of `--repeat` runs on one pinned CPU (every thread of the process):
-   - end to end: ``Pipeline(ReplaySource(path), symbols, outputs=[], bars=BarOptions(timeframes=
-     (1000, 60000, 300000)), live=False).run()``, that is read, decode, micro-batches, bars at
-     1 s, 1 m and 5 m and every oscillator; the final bar count is checked against the stream's
+1. Throughput, best of `--repeat` runs, by default not pinned: every thread of the process may run
+   on every CPU it is allowed, as a user runs it (the bar engine's thread and polars' pool use a
+   second core); `--cpu N` pins every thread to CPU N instead. Which it used is printed.
+   - end to end: ``Pipeline(ReplaySource(path), Stages(symbols, BarOptions(timeframes=(1000,
+     60000, 300000)), min_pending=REPLAY_PENDING), [], live=False).run()``, as ``polystream
+     watch --feed FILE`` sets it up: read, decode, columns, bars at 1 s, 1 m and 5 m and every
+     oscillator on the bar engine's thread; the final bar count is checked against the stream's
      event-time span, and the peak RSS (``ru_maxrss``) of those runs is reported;
-   - reading alone: ``read_recording`` iterated, and a ``ReplaySource`` whose queue is drained
-     with no processing (the reader thread plus the hand-off the pipeline pays for);
-   - in memory, over the recording's frames read beforehand: ``Decoder().decode`` alone; decode
-     plus ``Batcher.add``/``flush`` whenever it is due (the pipeline's batch size); and
-     ``BarEngine.add_trades`` plus ``finish`` over the trades of those batches;
+   - reading alone: ``read_recording`` iterated, and ``ReplaySource.take(0.1, 24_000_000, 0.05)``
+     called until ``EndOfStream`` with no processing: reading and chunking into passes of up to
+     ``Pipeline.max_bytes``, on the thread that calls it (in a run, the pipeline thread);
+   - in memory, over the recording's frames read beforehand in the passes that ``take`` makes:
+     ``Decoder().decode`` alone; ``Batcher(symbols).build`` of each pass (decode and columns);
+     and ``BarEngine.add_trades`` of each pass's trades plus ``finish``;
    then each stage's share of the end-to-end time, and the ratios of end to end to each stage.
 2. Memory: in a fresh interpreter (so that what the sections above freed but the allocator kept
    does not count), an end-to-end run over `--memory-events` events from a longer recording, with
-   RSS sampled at ten checkpoints by an output passed to the pipeline, and its growth from the
-   first checkpoint to the last.
-3. Filters (`--filters K`, default 50; 0 skips it): the end-to-end run above, pinned the same
-   way, without filters and with K filters attached through a ``FilterEngine``, alternately,
-   best of `--repeat` each; an output passed to both counts the alerts. The filters are the
-   first K of a pool of 50 written as filter-file YAML and read with ``parse_filter`` (past 50,
-   renamed copies of the pool): 40 on bars at 1 s, 1 m and 5 m (RSI extremes, MACD, Stochastic
-   and AO crosses, CCI beyond +-100, Bollinger breakouts and %B, some with indicator parameters
-   other than the run's such as rsi(7), macd(5, 35, 5), ema(50) or bb_upper(20, 2.5), and
-   lookbacks such as prev, pct_change, highest, lowest and sma(volume, 20); edge and level
+   RSS sampled by a sink given to the pipeline at ten checkpoints by events (counted in the trade
+   and quote rows it is handed, so they fall at the ends of passes, about 200,000 events each: a
+   run of fewer than ten passes has fewer), and its growth from the first checkpoint to the last.
+3. Filters (`--filters K`, default 50; 0 skips it): the end-to-end run above, on the same CPUs,
+   without filters and with K filters attached through a ``FilterEngine`` given to ``Stages``,
+   alternately, best of `--repeat` each; a sink given to both counts the alerts. The filters are
+   the first K of a pool of 50 written as filter-file YAML and read with ``parse_filter`` (past
+   50, renamed copies of the pool): 40 on bars at 1 s, 1 m and 5 m (RSI extremes, MACD,
+   Stochastic and AO crosses, CCI beyond +-100, Bollinger breakouts and %B, some with indicator
+   parameters other than the run's such as rsi(7), macd(5, 35, 5), ema(50) or bb_upper(20, 2.5),
+   and lookbacks such as prev, pct_change, highest, lowest and sma(volume, 20); edge and level
    triggers, some cooldowns), 5 on trades (whale notional, large buys or sells, price spikes
    over 50 trades) and 5 on quotes (wide spreads, book imbalance, mid drops). It reports both
    rates and their ratio against the target, and the alerts per kind of row.
-4. A summary against the targets: >= 500,000 events/s end to end on one core, flat memory, and
-   with the filters >= 70% of the rate without.
+4. A summary against the targets: >= 1,000,000 events/s end to end in-process, memory flat over
+   the memory run (RSS growth <= `--flat-mib`), and with the filters >= 70% of the rate without.
 
 Run from the project root:
 
     . .venv/bin/activate
     python benchmarks/bench_engine.py [--events N] [--memory-events M] [--filters K]
+        [--repeat R] [--cpu C] [--tmp DIR]
 
 The defaults (2 M events timed, 10 M for memory, 50 filters) take about six minutes, most of it
 writing the recordings. The exit code is always 0: this reports numbers, it does not gate anything.
@@ -111,12 +117,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import polars as pl
+from common import cpu_model, fmt_rate, version
 
 from polystream.events import Event
 from polystream.record import Recorder, read_recording
@@ -125,24 +131,33 @@ from polystream.source import Frame
 # What only the in-process sections use. `--command` runs without these modules, so that it works
 # whatever becomes of their API (or of the environment bench_decode needs).
 try:
-    from bench_decode import cpu_model, fmt_rate, version
-
+    from polystream.app import REPLAY_PENDING
     from polystream.batch import Batcher
     from polystream.config import timeframe_name
     from polystream.decode import Decoder
-    from polystream.filters import Alert, Filter, FilterEngine, parse_filter
-    from polystream.pipeline import Output, Pipeline, Snapshot
+    from polystream.filters import Filter, FilterEngine, parse_filter
+    from polystream.pipeline import Pipeline
     from polystream.record import ReplaySource
-    from polystream.source import EndOfStream, Frames, Notice
+    from polystream.schema import Notice
+    from polystream.sinks import BaseSink, Output, Sink, View
+    from polystream.source import EndOfStream, Frames
+    from polystream.stages import Stages
     from polystream.window import BarEngine, BarOptions
 except Exception as exc:  # a package half-way through a change can fail in any way on import
     IN_PROCESS_IMPORT_ERROR: Exception | None = exc
+    # The sinks below subclass it: a stand-in lets this module load for `--command` regardless.
+    BaseSink = object  # type: ignore[assignment,misc]
 else:
     IN_PROCESS_IMPORT_ERROR = None
 
-TARGET_EVENTS_PER_S = 500_000
+TARGET_EVENTS_PER_S = 1_000_000  # end to end, in-process
 FILTERS_MIN_RATIO = 0.70  # events/s with the filters over events/s without
 TIMEFRAMES = (1_000, 60_000, 300_000)
+# What one pass of a replay takes (`Pipeline`'s defaults for max_bytes and max_age), and the
+# timeout the pipeline gives `take` when it drains.
+PASS_BYTES = 24_000_000
+PASS_AGE = 0.05
+TAKE_TIMEOUT = 0.1
 MIB = 1024 * 1024
 
 # Start of the synthetic session (2024-05-29T16:26:40Z); only relative times matter.
@@ -348,6 +363,7 @@ class EndToEnd:
     seconds: float
     events: int
     frames: int
+    passes: int  # passes of the pipeline's loop that carried frames
     final_bars: int
     revised: int
     too_late: int
@@ -356,32 +372,40 @@ class EndToEnd:
 
 
 def run_end_to_end(
-    path: Path, outputs: Sequence[Output] = (), filters: Sequence[Filter] = ()
+    path: Path, sinks: Sequence[Sink] = (), filters: Sequence[Filter] = ()
 ) -> EndToEnd:
+    """One replay of `path` through the pipeline, set up as `polystream watch --feed FILE` sets
+    it up (bars at `TIMEFRAMES`, `REPLAY_PENDING` trades per call of the bar engine); only
+    `run()` is timed, the bar engine's thread and `Stages.close` at its end included."""
     options = BarOptions(timeframes=TIMEFRAMES)
     engine = (
         FilterEngine(filters, params=options.params, timeframes=options.timeframes)
         if filters
         else None
     )
-    pipeline = Pipeline(
-        ReplaySource(path), SYMBOLS, outputs=outputs, bars=options, live=False, filters=engine
-    )
+    stages = Stages(SYMBOLS, options, filters=engine, min_pending=REPLAY_PENDING)
+    pipeline = Pipeline(ReplaySource(path), stages, sinks, live=False)
+    if pipeline.max_bytes != PASS_BYTES or pipeline.max_age != PASS_AGE:
+        print(
+            f"  WARNING the pipeline takes passes of up to {pipeline.max_bytes:,} bytes and "
+            f"{pipeline.max_age:g} s; the stages alone below use {PASS_BYTES:,} and {PASS_AGE:g}"
+        )
     t0 = time.perf_counter()
     result = pipeline.run()
     elapsed = time.perf_counter() - t0
     if result.interrupted:
         raise KeyboardInterrupt
-    d, b = pipeline.decoder.stats, pipeline.engine.stats
+    feed = result.view.feed
     return EndToEnd(
         elapsed,
-        d.events,
-        d.frames,
-        b.final,
-        b.revised,
-        b.too_late,
-        result.snapshot.feed.rejected,
-        0 if engine is None else sum(engine.fired.values()),
+        feed.events,
+        feed.frames,
+        pipeline.passes,
+        feed.bars,
+        feed.revised,
+        feed.too_late,
+        feed.rejected,
+        feed.alerts,
     )
 
 
@@ -392,19 +416,27 @@ def run_read_recording(path: Path) -> int:
     return n
 
 
-def run_replay_drain(path: Path) -> int:
+def replay_passes(path: Path) -> Iterator[list[Frame]]:
+    """The frames of each pass a replay hands the pipeline: `ReplaySource.take` called as the
+    pipeline calls it, until `EndOfStream`; status records are skipped."""
     source = ReplaySource(path).start()
-    get = source.queue.get
-    n = 0
+    take = source.take
     while True:
-        item = get()
-        if isinstance(item, Frame):
-            n += 1
-        elif isinstance(item, Frames):
-            n += len(item.frames)
-        elif isinstance(item, EndOfStream):
-            break
-    source.join()
+        for item in take(TAKE_TIMEOUT, PASS_BYTES, PASS_AGE):
+            if type(item) is Frames:
+                yield item.frames
+            elif type(item) is Frame:
+                yield [item]
+            elif type(item) is EndOfStream:
+                if item.error is not None:
+                    raise RuntimeError(f"the replay of {path} failed: {item.error}")
+                return
+
+
+def run_replay_take(path: Path) -> int:
+    n = 0
+    for frames in replay_passes(path):
+        n += len(frames)
     return n
 
 
@@ -416,15 +448,12 @@ def run_decode(frames: list[bytes]) -> int:
     return n
 
 
-def run_decode_batch(frames: list[bytes], received: list[int]) -> int:
-    batcher = Batcher()
-    add, due = batcher.add, batcher.due
+def run_build(passes: list[list[Frame]]) -> int:
+    build = Batcher(SYMBOLS).build
     n = 0
-    for frame, at in zip(frames, received, strict=True):
-        add(frame, at)
-        if due():
-            n += batcher.flush().size
-    return n + batcher.flush().size
+    for frames in passes:
+        n += build(frames).size
+    return n
 
 
 def best_of(
@@ -445,18 +474,6 @@ def best_of(
     return best, events / best
 
 
-def collect_trade_batches(frames: list[bytes], received: list[int]) -> list[pl.DataFrame]:
-    """The trades of each batch, as the pipeline hands them to the bar engine."""
-    batcher = Batcher()
-    out: list[pl.DataFrame] = []
-    for frame, at in zip(frames, received, strict=True):
-        batcher.add(frame, at)
-        if batcher.due():
-            out.append(batcher.flush().trades)
-    out.append(batcher.flush().trades)
-    return out
-
-
 def run_bars(batches: list[pl.DataFrame]) -> int:
     engine = BarEngine(BarOptions(timeframes=TIMEFRAMES))
     for trades in batches:
@@ -468,26 +485,26 @@ def run_bars(batches: list[pl.DataFrame]) -> int:
 @dataclass
 class InMemory:
     decode: float  # events/s of each stage alone
-    batch: float  # decode and batch
+    batch: float  # decode and columns
     bars: float  # bars and oscillators from pre-built batches, per event of the stream
 
 
 def in_memory_rates(path: Path, events: int, final_bars: int, repeat: int) -> InMemory:
-    """Best events/s of the pipeline's stages, each alone, over the recording read into memory."""
+    """Best events/s of the pipeline's stages, each alone, over the recording read into memory
+    in the passes a replay takes."""
     print(f"\n== In memory, over the recording's frames read beforehand; best of {repeat} ==")
-    recorded = list(read_recording(path))
-    frames = [f.data for f in recorded]
-    received = [f.received for f in recorded]
-    del recorded
+    passes = list(replay_passes(path))
+    frames = [f.data for chunk in passes for f in chunk]
+    print(
+        f"  {len(frames):,} frames in {len(passes)} passes of up to {PASS_BYTES:,} bytes "
+        "(Pipeline.max_bytes), as ReplaySource.take hands them to the pipeline"
+    )
     _, decode_rate = best_of("Decoder().decode", lambda: run_decode(frames), events, events, repeat)
     _, batch_rate = best_of(
-        "decode + Batcher.add/flush",
-        lambda: run_decode_batch(frames, received),
-        events,
-        events,
-        repeat,
+        "Batcher.build of each pass", lambda: run_build(passes), events, events, repeat
     )
-    batches = collect_trade_batches(frames, received)
+    batcher = Batcher(SYMBOLS)
+    batches = [batcher.build(chunk).trades for chunk in passes]
     _, bars_rate = best_of(
         "BarEngine.add_trades + finish",
         lambda: run_bars(batches),
@@ -496,8 +513,10 @@ def in_memory_rates(path: Path, events: int, final_bars: int, repeat: int) -> In
         repeat,
     )
     print(
-        f"  (the bar engine is fed the {sum(b.height for b in batches):,} trades in "
-        f"{len(batches)} batches; its rate counts every event of the stream, quotes included)"
+        f"  (the bar engine is fed the {sum(b.height for b in batches):,} trades of the "
+        f"{len(batches)} passes, one call each, on this thread; a replay's Stages gives it at "
+        f"least {REPLAY_PENDING:,} per call, on its own thread. Its rate counts every event of "
+        "the stream, quotes included)"
     )
     return InMemory(decode_rate, batch_rate, bars_rate)
 
@@ -505,8 +524,11 @@ def in_memory_rates(path: Path, events: int, final_bars: int, repeat: int) -> In
 # --- memory ---------------------------------------------------------------------------------------
 
 
-class RssProbe:
-    """An output that samples RSS when the run passes each of `checkpoints` marks, and at close."""
+class RssProbe(BaseSink):
+    """A sink that samples RSS when the run passes each of `checkpoints` marks, counted in the
+    trade and quote rows of the passes it is handed, and once more at close."""
+
+    name = "RSS probe"
 
     def __init__(self, total_events: int, checkpoints: int) -> None:
         self.total = total_events
@@ -514,23 +536,20 @@ class RssProbe:
         self.checkpoints = checkpoints
         self.next_mark = self.step
         self.samples: list[tuple[int, int]] = []
+        self.events = 0
         self.records = 0
         self.t0 = time.perf_counter()
 
-    def status(self, notice: Notice) -> None:
-        pass
-
-    def bars(self, records: pl.DataFrame) -> None:
-        self.records += records.height
-
-    def book(self, features: list[Any]) -> None:
-        pass
-
-    def alerts(self, alerts: list[Alert]) -> None:
-        pass
-
-    def refresh(self, snapshot: Snapshot) -> None:
-        events = snapshot.feed.events
+    def write(self, out: Output) -> None:
+        if out.bars is not None:
+            self.records += out.bars.height
+        rows = (0 if out.trades is None else out.trades.height) + (
+            0 if out.quotes is None else out.quotes.height
+        )
+        if not rows:
+            return
+        self.events += rows
+        events = self.events
         if events >= self.total:  # the last checkpoint is taken at close, after the final bars
             return
         if events >= self.next_mark and len(self.samples) < self.checkpoints - 1:
@@ -538,8 +557,9 @@ class RssProbe:
             while self.next_mark <= events:
                 self.next_mark += self.step
 
-    def close(self, snapshot: Snapshot) -> None:
-        self._sample(snapshot.feed.events)
+    def close(self, view: View) -> Sequence[Notice]:
+        self._sample(view.feed.events)
+        return ()
 
     def _sample(self, events: int) -> None:
         rss = rss_bytes()
@@ -562,7 +582,7 @@ class MemoryResult:
 def memory_section(
     path: Path, n_events: int, seed: int, rate: float, flat_mib: float
 ) -> MemoryResult:
-    """Write the long recording, run it end to end with an `RssProbe`, print and return."""
+    """Write the long recording, run it end to end with an `RssProbe` sink, print and return."""
     t0 = time.perf_counter()
     info = write_recording(path, n_events, seed, rate)
     describe(info, time.perf_counter() - t0)
@@ -573,7 +593,8 @@ def memory_section(
     path.unlink()
     samples = probe.samples
     growth = samples[-1][1] - samples[0][1]
-    flat = growth < flat_mib * MIB
+    # one checkpoint (a run of one pass) compares nothing: that is no evidence of flatness
+    flat = len(samples) > 1 and growth <= flat_mib * MIB
     bars_ok = run.final_bars == info.expected_final_bars()
     peak, peak_label = own_peak_rss_bytes()
     print(
@@ -581,9 +602,21 @@ def memory_section(
         f"{run.final_bars:,} final bars (expected {info.expected_final_bars():,}: "
         f"{'OK' if bars_ok else 'MISMATCH'}); peak RSS {peak_label} {peak / MIB:.1f} MiB"
     )
+    per_pass = run.events / max(run.passes, 1)
+    print(
+        f"  {run.passes:,} passes of about {per_pass:,.0f} events: the checkpoints fall on "
+        "their ends"
+        + (
+            f"; only {len(samples)} of the ten (ten need about {10 * per_pass:,.0f} events)"
+            if len(samples) < probe.checkpoints
+            else ""
+        )
+    )
     print(
         f"  growth, checkpoint 1 -> {len(samples)}: {growth / MIB:+.2f} MiB "
-        f"(flat means < {flat_mib:g} MiB): {_verdict(flat)}"
+        f"(flat means <= {flat_mib:g} MiB"
+        + (", over two checkpoints at least" if len(samples) < 2 else "")
+        + f"): {_verdict(flat)}"
     )
     return MemoryResult(run.events, growth, flat, bars_ok)
 
@@ -616,9 +649,9 @@ def memory_in_child(args: argparse.Namespace, cpu: int | None, tmp: Path) -> Mem
 
 
 def memory_child(args: argparse.Namespace) -> int:
-    pinned = pin_cpu(args.cpu)[1]
+    placed = place(args.cpu)[1]
     print(
-        f"  in a fresh process (pid {os.getpid()}), {pinned}; "
+        f"  in a fresh process (pid {os.getpid()}), {placed}; "
         f"polars thread pool size {pl.thread_pool_size()}"
     )
     result = memory_section(
@@ -813,31 +846,18 @@ def build_filters(k: int) -> list[Filter]:
     return out
 
 
-class AlertTally:
-    """An output that counts the alerts it is handed, per filter; everything else it ignores."""
+class AlertTally(BaseSink):
+    """A sink that counts the alerts it is handed, per filter; everything else it ignores."""
+
+    name = "alert tally"
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
 
-    def status(self, notice: Notice) -> None:
-        pass
-
-    def bars(self, records: pl.DataFrame) -> None:
-        pass
-
-    def book(self, features: list[Any]) -> None:
-        pass
-
-    def alerts(self, alerts: list[Alert]) -> None:
+    def write(self, out: Output) -> None:
         counts = self.counts
-        for alert in alerts:
+        for alert in out.alerts:
             counts[alert.filter] = counts.get(alert.filter, 0) + 1
-
-    def refresh(self, snapshot: Snapshot) -> None:
-        pass
-
-    def close(self, snapshot: Snapshot) -> None:
-        pass
 
 
 @dataclass
@@ -856,7 +876,7 @@ def _kind(f: Filter) -> str:
 
 def filters_section(path: Path, info: StreamInfo, k: int, repeat: int) -> FilterResult:
     """End to end without filters and with the first `k` of the pool, alternately, both with an
-    `AlertTally` output; the best of each, their ratio, and what fired."""
+    `AlertTally` sink; the best of each, their ratio, and what fired."""
     t0 = time.perf_counter()
     filters = build_filters(k)
     built_ms = (time.perf_counter() - t0) * 1000
@@ -905,7 +925,7 @@ def filters_section(path: Path, info: StreamInfo, k: int, repeat: int) -> Filter
     print(
         f"  alerts per round {', '.join(f'{n:,}' for n in per_round)} "
         f"({'the same' if len(set(per_round)) == 1 else 'they differ'}); "
-        f"{'all' if reached else 'NOT all'} of those the engine counted reached the output; "
+        f"{'all' if reached else 'NOT all'} of those the engine counted reached the sink; "
         f"final bars {'the same' if bars_same else 'DIFFERENT'} with and without filters"
     )
     delivered, counts = per_round[best_i], tallies[best_i].counts
@@ -1155,28 +1175,6 @@ def command_recording(directory: Path, events: int, seed: int, rate: float) -> P
     return path
 
 
-def _dist_version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _rate_text(per_s: float) -> str:
-    return f"{per_s / 1e6:6.3f} M events/s"
-
-
 def _mib(n: int) -> str:
     return f"{n / MIB:.1f} MiB" if n else "n/a"
 
@@ -1205,7 +1203,7 @@ def describe_executable(label: str, executable: Path) -> None:
 
 def _round_line(rnd: int, name: str, seconds: float, events: int, extra: str = "") -> None:
     print(
-        f"  round {rnd}  {name:<18} {seconds:7.3f} s  {_rate_text(events / seconds)}{extra}",
+        f"  round {rnd}  {name:<18} {seconds:7.3f} s  {fmt_rate(events / seconds)}{extra}",
         flush=True,
     )
 
@@ -1309,7 +1307,7 @@ def command_throughput(
     for name in names:
         if times[name]:
             best[name] = events / min(times[name])
-            print(f"  best     {name:<18} {min(times[name]):7.3f} s  {_rate_text(best[name])}")
+            print(f"  best     {name:<18} {min(times[name]):7.3f} s  {fmt_rate(best[name])}")
         else:
             print(f"  best     {name:<18} no run passed the checks")
     decode_rate = best["msgspec decode"]
@@ -1392,9 +1390,9 @@ def command_main(args: argparse.Namespace) -> int:
     print("== Environment ==")
     print(
         f"  bench: python {platform.python_version()} ({platform.python_implementation()}), "
-        f"msgspec {_dist_version('msgspec')}"
+        f"msgspec {version('msgspec')}"
     )
-    print(f"  {platform.platform()}; CPU: {_cpu_name()}")
+    print(f"  {platform.platform()}; CPU: {cpu_model()}")
     if args.cpu is None:
         allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         print(f"  not pinned: the command runs as a user runs it, on CPUs {allowed or '(all)'}")
@@ -1459,13 +1457,34 @@ def command_main(args: argparse.Namespace) -> int:
 # --- measurement helpers --------------------------------------------------------------------------
 
 
-def pin_cpu(requested: int | None) -> tuple[int | None, str]:
+def place(cpu: int | None) -> tuple[int | None, str]:
+    """The in-process sections' CPUs: every one allowed (None, the default: as a user runs it),
+    or every thread pinned to `cpu`; what was done, as a phrase."""
+    if cpu is not None:
+        return pin_cpu(cpu)
+    if not hasattr(os, "sched_getaffinity"):
+        return None, "not pinned (every CPU)"
+    allowed = sorted(os.sched_getaffinity(0))
+    return None, (
+        f"not pinned: every thread may run on CPUs {allowed}, as a user runs it (the bar "
+        "engine's thread and polars' pool can use a core the pipeline thread does not)"
+    )
+
+
+def cpus_label(cpu: int | None) -> str:
+    """`place`'s outcome in a few words, once it is done."""
+    if cpu is not None:
+        return f"pinned to CPU {cpu}"
+    if hasattr(os, "sched_getaffinity"):
+        return f"not pinned, on CPUs {sorted(os.sched_getaffinity(0))}"
+    return "not pinned"
+
+
+def pin_cpu(cpu: int) -> tuple[int | None, str]:
     """Pin every thread of the process (polars' pool included) to one CPU; new threads inherit."""
     if not hasattr(os, "sched_setaffinity"):
         return None, "not pinned (os.sched_setaffinity unavailable on this platform)"
     allowed = sorted(os.sched_getaffinity(0))
-    # The highest-numbered CPU tends to take fewer device interrupts than CPU 0.
-    cpu = allowed[-1] if requested is None else requested
     try:
         os.sched_setaffinity(0, {cpu})
         threads = _threads()
@@ -1537,7 +1556,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=20240529)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per path; best one counts")
     ap.add_argument("--flat-mib", type=float, default=20.0, help="max RSS growth counted as flat")
-    ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: highest)")
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        default=None,
+        help="pin every thread to this CPU (default: not pinned, every CPU allowed)",
+    )
     ap.add_argument(
         "--tmp",
         type=Path,
@@ -1594,8 +1618,8 @@ def main(argv: list[str] | None = None) -> int:
         f"polystream {version('polystream')}"
     )
     print(f"  {platform.platform()}; CPU: {cpu_model()}")
-    cpu, pinned = pin_cpu(args.cpu)
-    print(f"  {pinned}; polars thread pool size {pl.thread_pool_size()}")
+    cpu, placed = place(args.cpu)
+    print(f"  in-process sections {placed}; polars thread pool size {pl.thread_pool_size()}")
     print(f"  gc enabled={gc.isenabled()}, thresholds={gc.get_threshold()} (left as is)")
 
     with tempfile.TemporaryDirectory(prefix="bench_engine-", dir=args.tmp) as tmp:
@@ -1607,8 +1631,12 @@ def main(argv: list[str] | None = None) -> int:
         events = info.events
 
         print(
-            f"\n== End to end: replay -> decode -> batches -> bars at 1s, 1m, 5m -> oscillators; "
-            f"best of {args.repeat} =="
+            "\n== End to end: replay -> decode -> columns -> bars at 1s, 1m, 5m and oscillators "
+            f"(the bar engine's thread); best of {args.repeat} =="
+        )
+        print(
+            f"  Pipeline(ReplaySource, Stages(..., min_pending={REPLAY_PENDING:,}), [], "
+            f"live=False).run(), {cpus_label(cpu)}"
         )
         rss_before = rss_bytes()
         runs: list[EndToEnd] = []
@@ -1627,7 +1655,7 @@ def main(argv: list[str] | None = None) -> int:
         bars_ok = all(r.final_bars == expected_bars for r in runs)
         print(
             f"  best     {best.seconds:7.3f} s  {fmt_rate(e2e_rate)}  "
-            f"({best.events:,} events decoded in {best.frames:,} frames)"
+            f"({best.events:,} events decoded in {best.frames:,} frames, {best.passes} passes)"
         )
         print(
             f"  final bars {best.final_bars:,} (expected {expected_bars:,} from each symbol's "
@@ -1650,42 +1678,57 @@ def main(argv: list[str] | None = None) -> int:
             events,
             args.repeat,
         )
-        _, drain_rate = best_of(
-            "ReplaySource, queue drained",
-            lambda: run_replay_drain(path),
+        _, take_rate = best_of(
+            "ReplaySource.take until EndOfStream",
+            lambda: run_replay_take(path),
             info.frames,
             events,
             args.repeat,
+        )
+        print(
+            f"  (take({TAKE_TIMEOUT:g}, {PASS_BYTES:,}, {PASS_AGE:g}): reading and chunking into "
+            "passes on the thread that calls it, in a run the pipeline thread)"
         )
 
         stages = in_memory_rates(path, events, expected_bars, args.repeat)
         gc.collect()
 
         print("\n== Where the end-to-end time goes: each stage alone, per event of the stream ==")
+        if cpu is None:
+            print(
+                "  (the bar engine runs on its own thread: not pinned, its time overlaps the "
+                "pipeline thread's on a second core, so the stages can add up to more than end to "
+                "end and the rest come out negative)"
+            )
+        else:
+            print(
+                f"  (pinned to CPU {cpu}: the bar engine's thread takes turns with the pipeline "
+                "thread, so the stages add up to about end to end)"
+            )
         e2e_us = 1e6 / e2e_rate
         parts = [
-            ("ReplaySource, queue drained", 1e6 / drain_rate),
+            ("ReplaySource.take until EndOfStream", 1e6 / take_rate),
             ("Decoder().decode", 1e6 / stages.decode),
             (
-                "Batcher.add/flush (decode + batch - decode)",
+                "Batcher.build columns (build - decode alone)",
                 1e6 / stages.batch - 1e6 / stages.decode,
             ),
             ("BarEngine.add_trades + finish, oscillators", 1e6 / stages.bars),
         ]
         parts.append(
             (
-                "the rest, by difference (pipeline, GIL hand-offs)",
+                "the rest, by difference (loop, sinks, hand-offs)",
                 e2e_us - sum(us for _, us in parts),
             )
         )
         print(f"  {'end to end':<52} {e2e_us:6.3f} us/event  100.0%")
         for name, us in parts:
             print(f"  {name:<52} {us:6.3f} us/event  {us / e2e_us:6.1%}")
-        print(f"  (read_recording alone, no thread or queue: {1e6 / read_rate:.3f} us/event)")
-        print(f"  ratio end to end / decode only        {e2e_rate / stages.decode:6.3f}")
-        print(f"  ratio end to end / decode + batch     {e2e_rate / stages.batch:6.3f}")
-        print(f"  ratio end to end / bar engine alone   {e2e_rate / stages.bars:6.3f}")
-        print(f"  ratio end to end / ReplaySource drain {e2e_rate / drain_rate:6.3f}")
+        print(f"  (read_recording alone, no chunking into passes: {1e6 / read_rate:.3f} us/event)")
+        print(f"  ratio end to end / decode only          {e2e_rate / stages.decode:6.3f}")
+        print(f"  ratio end to end / Batcher.build        {e2e_rate / stages.batch:6.3f}")
+        print(f"  ratio end to end / bar engine alone     {e2e_rate / stages.bars:6.3f}")
+        print(f"  ratio end to end / ReplaySource.take    {e2e_rate / take_rate:6.3f}")
 
         filtered = None
         if args.filters > 0:
@@ -1698,12 +1741,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== Summary ==")
     rows = [
         (
-            f"end to end >= {TARGET_EVENTS_PER_S:,} events/s on one core",
+            f"end to end >= {TARGET_EVENTS_PER_S:,} events/s in-process",
             f"{e2e_rate:,.0f} /s",
             e2e_rate >= TARGET_EVENTS_PER_S,
         ),
         (
-            f"RSS flat over {mem.events:,} events (< {args.flat_mib:g} MiB growth)",
+            f"RSS flat over {mem.events:,} events (<= {args.flat_mib:g} MiB growth)",
             f"{mem.growth / MIB:+.2f} MiB",
             mem.flat,
         ),
@@ -1719,6 +1762,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for target, measured, ok in rows:
         print(f"  {target:<52} {measured:>16}   {_verdict(ok)}")
+    print(f"  (in-process sections {cpus_label(cpu)})")
     return 0
 
 

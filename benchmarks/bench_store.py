@@ -10,7 +10,7 @@ synchronous commit on), and a fresh database for each timed run.
 It measures, best of `--repeat` rounds, each round timing every path once:
 
 1. the writer: ``Store(url, state_dir).start()``, the stream offered as frames of `--frame-rows`
-   rows (``TRADE_SCHEMA``, as the pipeline hands them over), then ``stop()``; timed from the first
+   rows (``schema.TRADE``, as the pipeline hands them over), then ``stop()``; timed from the first
    offer until ``stop`` returns with every row committed (the count is checked, and the journal
    must be empty). The schema comes from ``migrate``, so the table has its unique key
    (symbol, exchange, trade_id, time);
@@ -51,10 +51,10 @@ from typing import Any
 
 import polars as pl
 import psycopg
-from bench_decode import cpu_model, version
+from common import cpu_model, version
 
 from polystream import store
-from polystream.batch import TRADE_SCHEMA
+from polystream.schema import TRADE
 
 TARGET_ROWS_PER_S = 100_000
 TARGET_VS_COPY = 0.50
@@ -98,7 +98,7 @@ def make_trades(n: int, seed: int) -> pl.DataFrame:
     rng = random.Random(seed)
     prices = {p.symbol: p.price for p in PAIRS}
     next_id = {(p.symbol, x): rng.randrange(10**8, 10**9) for p in PAIRS for x in EXCHANGES}
-    cols: dict[str, list[object]] = {c: [] for c in TRADE_SCHEMA}
+    cols: dict[str, list[object]] = {c: [] for c in TRADE}
     t = T0_MS
     for _ in range(n):
         pair = rng.choices(PAIRS, weights=[p.weight for p in PAIRS])[0]
@@ -116,7 +116,7 @@ def make_trades(n: int, seed: int) -> pl.DataFrame:
         cols["exchange"].append(exchange)
         cols["trade_id"].append(None if rng.random() < NO_ID_SHARE else str(next_id[key]))
         cols["received"].append(t + rng.randint(2, 40))
-    return pl.DataFrame(cols, schema=TRADE_SCHEMA)
+    return pl.DataFrame(cols, schema=TRADE)
 
 
 def write_csv(frame: pl.DataFrame, path: Path) -> None:

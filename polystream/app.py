@@ -48,6 +48,9 @@ UI: TypeAlias = Literal["dashboard", "lines", "none"]
 # Bars of history per symbol and timeframe for a warm-up: a few times the longest warm-up, so
 # that EMA-based indicators have forgotten where the history starts.
 WARMUP_BARS = 300
+# Trades worth one call of the bar engine in a replay as fast as it can go, whose watermark makes
+# bars due all the time: each call has a fixed cost.
+REPLAY_PENDING = 100_000
 # How long the writer and the notifier may take to finish at the end of a run.
 SINK_TIMEOUT = 15.0
 
@@ -82,7 +85,7 @@ class RunOptions(msgspec.Struct, frozen=True):
 def run(options: RunOptions, settings: Settings | None = None) -> RunResult:
     """Run to the end of the feed, `options.duration` or Ctrl-C."""
     with open_run(options, settings or load_settings()) as pipeline:
-        return pipeline.run(options.duration)
+        return pipeline.run()
 
 
 @contextlib.contextmanager
@@ -110,16 +113,24 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
     store = _store(settings, options.store)
     notifier = _notifier(settings, options.notify)
     filters = FilterEngine(watcher.filters, params=bar_options.params, timeframes=timeframes)
-    stages = Stages(symbols, bar_options, filters=filters, bar_source=options.bars)
     with contextlib.ExitStack() as stack:
         source = _source(options, settings, [to_pair(s) for s in symbols], channels, stack)
         live = not isinstance(source, ReplaySource)
+        stages = Stages(
+            symbols,
+            bar_options,
+            filters=filters,
+            bar_source=options.bars,
+            # an unpaced replay wants throughput; a live run or a paced replay, its bars at once
+            min_pending=REPLAY_PENDING if not live and options.speed is None else 0,
+        )
         units: list[FilterReload | GapRepair] = [FilterReload(watcher, filters, settings.state_dir)]
         history = _repairer(settings, options.feed, store)
         if history is not None:
             units.append(GapRepair(history, stages, lambda: source.gaps))
+        sinks = _sinks(options, symbols, timeframes)
         pipeline = Pipeline(
-            source, stages, _sinks(options, symbols, timeframes), units=units, live=live
+            source, stages, sinks, units=units, live=live, duration=options.duration
         )
         if options.record is not None:
             pipeline.add(RecorderSink(Recorder(options.record)))
@@ -449,6 +460,7 @@ def replay_filters(
         watched,
         BarOptions(timeframes=timeframes, params=p),
         filters=FilterEngine(filters, params=p, timeframes=timeframes),
+        min_pending=REPLAY_PENDING,
     )
     Pipeline(ReplaySource(path), stages, [collector], live=False).run()
     return collector.alerts, collector.final_bars

@@ -138,7 +138,7 @@ def list_(
     directory = shipped_dir() if shipped else _dir(filters)
     loaded = load_directory(directory)
     fired = {} if shipped else read_last_fired(load_settings().state_dir)
-    rows = [
+    rows: list[tuple[str, str, str, str, str, str]] = [
         (
             f.name,
             f.on,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import queue
 import signal
 import threading
 import time
@@ -30,15 +29,20 @@ from .stages import Stages
 
 
 class Source(Protocol):
-    """A live feed client or a replay: both deliver `Item`s on a bounded queue."""
+    """A live feed client or a replay. `take` gives what is waiting as one pass: the first
+    item within `timeout` seconds, then whatever else is there, up to `max_bytes` of frames or
+    `max_age` seconds of taking; `depth` is what waits and how much can."""
 
-    queue: queue.Queue[Item]
     state: str
     reconnects: int
     gaps: list[Gap]
     fatal: PolystreamError | None
 
     def start(self) -> object: ...
+
+    def take(self, timeout: float, max_bytes: int, max_age: float) -> list[Item]: ...
+
+    def depth(self) -> tuple[int, int]: ...
 
     def stop(self, timeout: float | None = None) -> None: ...
 
@@ -79,6 +83,7 @@ class Pipeline:
         max_age: float = 0.05,
         tick_every: float = 0.25,
         drain_timeout: float = 5.0,
+        duration: float | None = None,
     ) -> None:
         self.source = source
         self.stages = stages
@@ -87,6 +92,7 @@ class Pipeline:
         self.live = live
         self.max_bytes = max_bytes
         self.max_age = max_age
+        self.duration = duration
         self.passes = 0
         self._clock = clock
         self._tick_every = tick_every
@@ -112,7 +118,9 @@ class Pipeline:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, duration: float | None = None) -> RunResult:
-        """Process until the source ends, `duration` seconds pass, or Ctrl-C."""
+        """Process until the source ends, `duration` seconds pass (default: the pipeline's
+        own), or Ctrl-C."""
+        duration = self.duration if duration is None else duration
         stop_at = float("inf") if duration is None else time.monotonic() + duration
         # What exists now lives as long as the run: keep full collections from rescanning it.
         gc.freeze()
@@ -124,9 +132,11 @@ class Pipeline:
                 now = time.monotonic()
                 if now >= stop_at:
                     break
-                self._pass(self._take(max(0.0, min(next_tick, stop_at) - now)))
-                if self.live:
-                    self._write(self.stages.tick(self.now_ms()))
+                # while the bar engine works, look back soon for what it made
+                wait = min(next_tick, stop_at, now + 0.002 if self.stages.busy else stop_at)
+                self._pass(self._take(max(0.0, wait - now)))
+                for out in self.stages.tick(self.now_ms() if self.live else None):
+                    self.sinks.write(out)
                 if time.monotonic() >= next_tick:
                     self._tick()
                     next_tick = time.monotonic() + self._tick_every
@@ -142,25 +152,8 @@ class Pipeline:
         return RunResult(self._interrupted, self.view())
 
     def _take(self, timeout: float) -> list[Item]:
-        """The first item (waiting up to `timeout`), then whatever else is waiting now."""
-        q = self.source.queue
-        try:
-            item = q.get(timeout=timeout) if timeout > 0 else q.get_nowait()
-        except queue.Empty:
-            return []
-        items = [item]
-        size = _size(item)
-        started = time.monotonic()
-        while size < self.max_bytes and type(item) is not EndOfStream:
-            try:
-                item = q.get_nowait()
-            except queue.Empty:
-                break
-            items.append(item)
-            size += _size(item)
-            if time.monotonic() - started >= self.max_age:
-                break
-        return items
+        """What the source has waiting (the first item within `timeout`), as one pass."""
+        return self.source.take(timeout, self.max_bytes, self.max_age)
 
     def _pass(self, items: list[Item]) -> None:
         if not items:
@@ -173,7 +166,7 @@ class Pipeline:
             elif type(item) is Frames:
                 frames += item.frames
             elif type(item) is Notice:
-                self._write(Output(notices=[item]))
+                self.sinks.write(Output(notices=[item]))
             elif type(item) is EndOfStream:
                 end = item
         if frames:
@@ -188,7 +181,8 @@ class Pipeline:
     def _end(self, end: EndOfStream) -> None:
         self._ended = True
         if not self.live:  # a replay's end makes every open bar final; a live stop does not
-            self._write(self.stages.finish())
+            for out in self.stages.finish():
+                self.sinks.write(out)
         if end.error is not None:
             fatal = self.source.fatal
             self._error = fatal if isinstance(fatal, PolystreamError) else FeedError(end.error)
@@ -197,7 +191,7 @@ class Pipeline:
         now = self.now_ms()
         for unit in self.units:
             for out in unit.tick(now):
-                self._write(out)
+                self.sinks.write(out)
         self._news()
         self.sinks.tick(self.view())
 
@@ -209,11 +203,7 @@ class Pipeline:
         while self._reported:
             notices.append(self._reported.popleft())
         if gaps or notices:
-            self._write(Output(gaps=gaps, notices=notices))
-
-    def _write(self, out: Output | None) -> None:
-        if out is not None:
-            self.sinks.write(out)
+            self.sinks.write(Output(gaps=gaps, notices=notices))
 
     def _shutdown(self) -> None:
         self.source.stop()
@@ -224,12 +214,13 @@ class Pipeline:
             except KeyboardInterrupt:
                 break
         self.source.join(timeout=max(0.0, drain_until - time.monotonic()))
-        if self.live:
-            self._write(self.stages.partial())
+        for out in self.stages.partial() if self.live else self.stages.flush():
+            self.sinks.write(out)
+        self.stages.close()
         now = self.now_ms()
         for unit in self.units:
             for out in unit.close(now):
-                self._write(out)
+                self.sinks.write(out)
         drift = self.stages.drift
         if drift is not None:
             self.report("drift", drift.summary() or "no bars to compare")
@@ -254,12 +245,13 @@ class Pipeline:
         st, source = self.stages, self.source
         decoded, bars = st.decoder.stats, st.engine.stats
         filters = st.filters
+        depth, capacity = source.depth()
         feed = FeedState(
             state=source.state,
             reconnects=source.reconnects,
             lag_ms=self._lag,
-            queue_depth=source.queue.qsize(),
-            queue_size=source.queue.maxsize,
+            queue_depth=depth,
+            queue_size=capacity,
             frames=decoded.frames,
             events=decoded.events,
             rejected=decoded.rejected_events,
@@ -282,11 +274,3 @@ class Pipeline:
             options.params.warmup,
             feed,
         )
-
-
-def _size(item: Item) -> int:
-    if type(item) is Frame:
-        return len(item.data)
-    if type(item) is Frames:
-        return item.size
-    return 0

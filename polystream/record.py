@@ -1,7 +1,7 @@
 """Recordings: one frame per line, `<receipt ms>\\t<frame>`, optionally `.gz` or `.zst` compressed.
 
-`Recorder` appends frames (pipeline thread). `ReplaySource` plays a file back on a named thread
-into a bounded queue, as fast as it is consumed or at `speed` × real time, like a live `FeedClient`.
+`Recorder` appends frames (pipeline thread). `ReplaySource` is a source that reads a file back on
+the thread that takes from it, as fast as it is consumed or at `speed` × real time.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import queue
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +16,13 @@ from typing import IO
 
 import zstandard
 
-from .errors import RecordingError
+from .errors import PolystreamError, RecordingError
 from .schema import Gap, Notice
 from .source import EndOfStream, Frame, Frames, Item
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 
 MAX_LOGGED_BAD_LINES = 5
-CHUNK = 256  # frames per queue item when replaying as fast as possible
 
 
 def _open(path: Path, mode: str) -> IO[bytes]:
@@ -97,78 +94,106 @@ def read_recording(path: Path) -> Iterator[Frame]:
             raise RecordingError(f"Cannot read the recording {path}: {exc}.") from None
 
 
-class ReplaySource(Worker[None]):
-    """A source that replays a recording into `queue`, ending with `EndOfStream`."""
+class ReplaySource:
+    """A recording as a source, read on the thread that takes from it: a replay waits for
+    nothing but the file, so a thread of its own would only compete for the GIL.
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        speed: float | None = None,
-        queue_size: int = 10_000,
-        chunk: int = CHUNK,
-    ) -> None:
+    Unpaced, each `take` reads up to `max_bytes` of frames; at `speed` × real time, it hands
+    over the frames that are due, waiting up to `timeout` for the next one. The first take
+    brings a `connected` status, the last one `EndOfStream` (with the error, if the file could
+    not be read); after `stop`, the next take ends the replay.
+    """
+
+    def __init__(self, path: Path, *, speed: float | None = None) -> None:
         if not path.is_file():
             raise RecordingError(f"The recording {path} does not exist.")
-        super().__init__("polystream-replay")
         self.path = path
         self.speed = speed
-        self.chunk = chunk
-        # Unpaced, frames travel in chunks: the bound counts chunks, so scale it to keep about
-        # `queue_size` frames in flight either way.
-        slots = queue_size if speed else max(4, queue_size // chunk)
-        self.queue: queue.Queue[Item] = queue.Queue(maxsize=slots)
         self.state = "idle"
         self.reconnects = 0
         self.gaps: list[Gap] = []
+        self.fatal: PolystreamError | None = None
+        self._frames: Iterator[Frame] | None = None
+        self._next: Frame | None = None  # read, not handed over yet
+        self._started = 0.0
+        self._first: int | None = None
+        self._stopping = False
 
-    def _put(self, item: Item) -> bool:
-        while not self.stopping:
-            try:
-                self.queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def start(self) -> ReplaySource:
+        if self._frames is None:
+            self._frames = read_recording(self.path)
+        return self
 
-    def run(self) -> None:
-        self.state = "replaying"
-        error: str | None = None
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopping = True
+
+    def join(self, timeout: float | None = None) -> bool:
+        return True
+
+    def depth(self) -> tuple[int, int]:
+        return 0, 0
+
+    def take(self, timeout: float, max_bytes: int, max_age: float) -> list[Item]:
+        self.start()
+        if self.state == "ended":
+            time.sleep(timeout)
+            return []
+        items: list[Item] = []
+        if self.state == "idle":
+            self.state = "replaying"
+            items.append(
+                Notice("connected", int(time.time() * 1000), f"replaying {self.path.name}")
+            )
+        if self._stopping:
+            return [*items, self._end()]
         try:
-            self._put(Notice("connected", int(time.time() * 1000), f"replaying {self.path.name}"))
-            frames = read_recording(self.path)
             if self.speed:
-                self._paced(frames, self.speed)
+                items += self._due(timeout, max_bytes)
             else:
-                self._chunked(frames)
+                items += self._read(max_bytes)
         except RecordingError as exc:
             self.fatal = exc
-            error = str(exc)
-        finally:
-            self.state = "ended"
-            try:
-                self.queue.put(EndOfStream(error), timeout=5)
-            except queue.Full:
-                log.warning("replay queue stayed full at shutdown; end-of-stream not delivered")
+            items.append(self._end(str(exc)))
+        return items
 
-    def _paced(self, frames: Iterator[Frame], speed: float) -> None:
-        started = time.monotonic()
-        first: int | None = None
-        for frame in frames:
-            first = frame.received if first is None else first
-            wait = started + (frame.received - first) / 1000 / speed - time.monotonic()
-            if (wait > 0 and self.sleep(wait)) or not self._put(frame):
-                return
-
-    def _chunked(self, frames: Iterator[Frame]) -> None:
-        chunk: list[Frame] = []
+    def _read(self, max_bytes: int) -> list[Item]:
+        assert self._frames is not None
+        frames: list[Frame] = []
         size = 0
-        for frame in frames:
-            chunk.append(frame)
+        for frame in self._frames:
+            frames.append(frame)
             size += len(frame.data)
-            if len(chunk) >= self.chunk:
-                if not self._put(Frames(chunk, size)):
-                    return
-                chunk, size = [], 0
-        if chunk:
-            self._put(Frames(chunk, size))
+            if size >= max_bytes:
+                return [Frames(frames, size)]
+        return [Frames(frames, size), self._end()] if frames else [self._end()]
+
+    def _due(self, timeout: float, max_bytes: int) -> list[Item]:
+        """The frames due by now, at `speed` × real time from the first; when none is, waits up
+        to `timeout` for the next."""
+        assert self._frames is not None and self.speed
+        frames: list[Item] = []
+        size = 0
+        deadline = time.monotonic() + timeout
+        while size < max_bytes:
+            frame = self._next if self._next is not None else next(self._frames, None)
+            self._next = None
+            if frame is None:
+                return [*frames, self._end()]
+            if self._first is None:
+                self._first, self._started = frame.received, time.monotonic()
+            due = self._started + (frame.received - self._first) / 1000 / self.speed
+            now = time.monotonic()
+            if due > now:
+                if frames or due > deadline:
+                    self._next = frame
+                    if not frames:
+                        time.sleep(max(0.0, deadline - now))
+                    break
+                time.sleep(due - now)
+            frames.append(frame)
+            size += len(frame.data)
+        return frames
+
+    def _end(self, error: str | None = None) -> EndOfStream:
+        self.state = "ended"
+        return EndOfStream(error)

@@ -58,7 +58,7 @@ class RepairWorker(Worker[Job]):
 
     def run(self) -> None:
         while not self.stopping:
-            job = self.take(0.5)
+            job = self.next_item(0.5)
             if job is None:
                 continue
             try:
@@ -95,7 +95,7 @@ class GapRepair:
         lateness = engine.options.lateness
         for job in [j for j in self._planned if engine.watermark >= j.hi + lateness]:
             self._planned.remove(job)
-            self.worker.start().offer(job)
+            self.worker.start().put(job)
         outs = []
         while self.worker.done:
             outs += self._rebuilt(self.worker.done.popleft(), now_ms)
@@ -122,9 +122,11 @@ class GapRepair:
         if job.error is not None:
             detail = f"gap repair of {job.symbol} failed: {job.error}"
             return [Output(notices=[Notice("error", now_ms, detail)])]
-        held = self.stages.flush()
-        out = self.stages.rebuild(job.symbol, job.tf, job.lo, job.hi, job.trades, job.aggregates)
-        rebuilt = out.bars.height if out is not None and out.bars is not None else 0
+        held = list(self.stages.flush())
+        out = list(
+            self.stages.rebuild(job.symbol, job.tf, job.lo, job.hi, job.trades, job.aggregates)
+        )
+        rebuilt = sum(o.bars.height for o in out if o.bars is not None)
         if job.trades is not None:
             source = f"{job.trades.height:,} trades"
         else:
@@ -136,5 +138,4 @@ class GapRepair:
             f"{job.symbol} {timeframe_name(job.tf)}: {rebuilt} bars rebuilt from {source}",
         )
         # the trades the outage kept from us go to storage; those already stored are skipped
-        stored = Output(repaired=job.trades, notices=[done])
-        return [o for o in (held, out, stored) if o is not None]
+        return [*held, *out, Output(repaired=job.trades, notices=[done])]

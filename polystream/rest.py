@@ -43,7 +43,6 @@ AGG_SCHEMA: Schema = {
     "symbol": pl.String,
 }
 """An aggregates page: the bar's start as `time`, then the REST API's own columns."""
-BAR_RECORD_SCHEMA = BAR  # what `bar_records` makes, under the name the backfill command uses
 
 
 class RestError(PolystreamError):

@@ -113,7 +113,6 @@ BAR: Schema = {
 BAR_FIELDS = tuple(c for c in BAR if BAR[c] != pl.String and c not in ("start", "end"))
 """The numbers of a bar a filter can name (open … sell_volume)."""
 BAR_FEATURES: Schema = {"flow_imbalance": pl.Float64}
-BAR_STATES: tuple[BarState, ...] = ("final", "revised", "partial")
 
 
 def bar_columns(indicators: Sequence[str]) -> list[str]:

@@ -29,7 +29,7 @@ import msgspec
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import Server, ServerConnection, serve
 
-from .schema import SIDE_BUY, SIDE_SELL
+from .schema import PRICES, SIDE_BUY, SIDE_SELL
 
 CHANNELS = ("XT", "XQ", "XA", "XAS", "XL2")
 DEMO_PAIRS = ("BTC-USD", "ETH-USD", "SOL-USD")
@@ -102,7 +102,7 @@ def _load_bars() -> tuple[_Bar, ...]:
     text = resources.files("polystream.data").joinpath(_BARS_FILE).read_text(encoding="utf-8")
     bars: list[_Bar] = []
     for row in csv.DictReader(io.StringIO(text)):
-        o, h, lo, c = (float(row[k]) for k in ("open", "high", "low", "close"))
+        o, h, lo, c = (float(row[k]) for k in PRICES)
         volume = float(row["volume"])
         values = (o, h, lo, c, volume)
         if not all(math.isfinite(v) for v in values) or min(o, h, lo, c) <= 0 or volume < 0:

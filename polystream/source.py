@@ -89,6 +89,38 @@ _element_decoder = msgspec.json.Decoder(list[_Element])
 _STATUS_MARK = b'"status"'
 
 
+def take_waiting(
+    q: queue.Queue[Item], timeout: float, max_bytes: int, max_age: float
+) -> list[Item]:
+    """Natural batching over a queue: the first item (waiting up to `timeout` seconds for it),
+    then whatever else is waiting now, up to `max_bytes` of frames or `max_age` seconds."""
+    try:
+        item = q.get(timeout=timeout) if timeout > 0 else q.get_nowait()
+    except queue.Empty:
+        return []
+    items = [item]
+    size = _size(item)
+    started = time.monotonic()
+    while size < max_bytes and type(item) is not EndOfStream:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            break
+        items.append(item)
+        size += _size(item)
+        if time.monotonic() - started >= max_age:
+            break
+    return items
+
+
+def _size(item: Item) -> int:
+    if type(item) is Frame:
+        return len(item.data)
+    if type(item) is Frames:
+        return item.size
+    return 0
+
+
 def topics_for(pairs: Iterable[str], channels: Iterable[str]) -> list[str]:
     """Subscription topics (`XT.BTC-USD`) for every pair and channel."""
     chans = list(channels)
@@ -135,6 +167,14 @@ class FeedClient(Worker[None]):
         self.acked_topics: set[str] = set()
         self.gaps: list[Gap] = []
         self._last_data_ms: int | None = None
+
+    def take(self, timeout: float, max_bytes: int, max_age: float) -> list[Item]:
+        """What the reader has put on the queue (see `take_waiting`); pipeline thread."""
+        return take_waiting(self.queue, timeout, max_bytes, max_age)
+
+    def depth(self) -> tuple[int, int]:
+        """Items waiting on the queue, and how many it holds."""
+        return self.queue.qsize(), self.queue.maxsize
 
     # -- reader thread --------------------------------------------------------------------
 

@@ -1,16 +1,20 @@
-"""The stages of a run, on the pipeline thread, with no threads or I/O of their own: the frames of
-one pass flow through decode → bars → indicators → filters and come out as `Output`s.
+"""The stages of a run: the frames of one pass flow through decode → bars → indicators → filters
+and come out as `Output`s. Called from the pipeline thread only.
 
-`step(frames)` yields the events and the trade and quote alerts first, so that they reach the
-sinks before any bar work; the bars come after. Trades wait for the bar engine until a bar could
-become final or a trade could be late (an upper bound of the watermark tells): the engine's
-results do not depend on how the stream is cut, so a pass under light load costs no bar work at
-all, and a bar is still emitted in the same pass as before.
+`step(frames)` decodes the frames, evaluates the trade and quote filters and yields those results
+at once; the bar engine runs on its own thread (`polystream-bars`), so that building bars (polars,
+which lets go of the GIL) never holds up the next frame's alerts, and on two cores overlaps with
+decoding. Trades wait for it until a bar could become final or a trade could be late (an upper
+bound of the watermark tells), and while it is busy: its results do not depend on how the stream
+is cut, so nothing but when they arrive changes. Bars and their alerts come out of the first
+`step` or `tick` after the engine made them, and at once from `finish`, `partial` and `flush`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import collections
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, TypeAlias
 
 import polars as pl
@@ -24,10 +28,54 @@ from .schema import TRADE, Notice
 from .sinks import Output
 from .source import Frame
 from .window import BarEngine, BarOptions
+from .worker import Worker, WorkerError
 
 BarSource: TypeAlias = Literal["trades", "polygon"]
 
 _NEVER = -(2**62)
+
+
+class _Job:
+    """One call on the bar engine; the thread fills in `records` (or `error`) and sets `done`."""
+
+    __slots__ = ("call", "done", "error", "records")
+
+    def __init__(self, call: Callable[[BarEngine], pl.DataFrame]) -> None:
+        self.call = call
+        self.records: pl.DataFrame | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class _BarThread(Worker[_Job]):
+    """Runs jobs on the bar engine in the order given; finished ones wait in `finished`, and
+    `due`, `watermark` and `offset` tell where the engine stood after the last one."""
+
+    def __init__(self, engine: BarEngine) -> None:
+        super().__init__("polystream-bars", inbox_size=1_000)
+        self.engine = engine
+        self.finished: collections.deque[_Job] = collections.deque()
+        self.busy = 0  # jobs given and not finished
+        self.due = engine.due_at()
+
+    def run(self) -> None:
+        while not (self.stopping and self.inbox is not None and self.inbox.empty()):
+            job = self.next_item(0.5)
+            if job is None:
+                continue
+            try:
+                job.records = job.call(self.engine)
+            except Exception as exc:  # handed back to the pipeline thread, which raises it
+                job.error = exc
+            self.due = self.engine.due_at()
+            self.finished.append(job)
+            job.done.set()
+
+    def give(self, call: Callable[[BarEngine], pl.DataFrame]) -> _Job:
+        job = _Job(call)
+        self.busy += 1
+        self.start().put(job)
+        return job
 
 
 class Stages:
@@ -35,7 +83,9 @@ class Stages:
 
     With `bar_source="polygon"` bars come from the feed's XA/XAS aggregates, and the drift of
     trade-built bars from them is measured when trades are subscribed too. `max_pending` bounds
-    the trades that wait for the bar engine.
+    the trades that wait for the bar engine; a replay sets `min_pending`, the trades worth one
+    call (each call has a fixed cost, and a replay's watermark makes bars due all the time).
+    `close` ends the bar engine's thread.
     """
 
     def __init__(
@@ -46,6 +96,7 @@ class Stages:
         filters: FilterEngine | None = None,
         bar_source: BarSource = "trades",
         max_pending: int = 200_000,
+        min_pending: int = 0,
     ) -> None:
         self.symbols = tuple(symbols)
         self.options = options or BarOptions()
@@ -56,7 +107,9 @@ class Stages:
         self.bar_source = bar_source
         self.drift = DriftMeter(self.options) if bar_source == "polygon" else None
         self.max_pending = max_pending
+        self.min_pending = min_pending
         self.other = 0  # events of symbols nobody watches
+        self._bars = _BarThread(self.engine)
         self._pending: list[pl.DataFrame] = []
         self._rows = 0
         # over the pending trades: latest receipt, greatest lead of event time over receipt,
@@ -64,13 +117,11 @@ class Stages:
         self._received = _NEVER
         self._lead = _NEVER
         self._first_due = -_NEVER
-        self._due = -_NEVER  # the engine's own `due_at`, kept between calls
-        self._no_bars = self.engine.add_trades(pl.DataFrame(schema=TRADE))
 
     # -- a pass ------------------------------------------------------------------------------
 
     def step(self, frames: Sequence[Frame]) -> Iterator[Output]:
-        """The outputs of one pass over `frames`: the events first, then any bars."""
+        """The outputs of one pass over `frames`: the events first, then any bars made since."""
         batch = self.batcher.build(frames)
         self.other += batch.other
         alerts = []
@@ -84,51 +135,57 @@ class Stages:
             book_features=_latest_books(batch.books),
             alerts=alerts,
         )
-        records = self._bars(batch)
-        if records.height:
-            yield self._bar_output(records)
+        self._hold(batch)
+        rows = self._rows
+        if rows >= self.max_pending or (
+            rows >= self.min_pending and not self._bars.busy and self._due_now(None)
+        ):
+            self._send()
+        yield from self._finished()
 
-    def tick(self, now_ms: int) -> Output | None:
-        """Live only: the wall clock moves the watermark (corrected by the feed's clock offset),
-        so quiet bars close."""
-        offset = self.engine.offset if self.engine.offset is not None else self._lead
-        if offset == _NEVER or now_ms + offset < min(self._due, self._first_due):
-            return None
-        records = self._ingest()
-        records = pl.concat([records, self.engine.advance(now_ms)], how="vertical_relaxed")
-        self._due = self.engine.due_at()
-        if self.drift is not None:
-            self.drift.advance(now_ms)
-        return self._bar_output(records) if records.height else None
+    def tick(self, now_ms: int | None) -> Iterator[Output]:
+        """Whatever the bar engine finished meanwhile; live (`now_ms` given), the wall clock
+        also moves the watermark (corrected by the feed's clock offset), so quiet bars close."""
+        if now_ms is not None and not self._bars.busy and self._due_now(now_ms):
+            self._send(lambda engine: engine.advance(now_ms))
+            if self.drift is not None:
+                self.drift.advance(now_ms)
+        yield from self._finished()
 
-    def finish(self) -> Output | None:
+    def finish(self) -> Iterator[Output]:
         """The end of a replay: every open bar is final."""
-        records = pl.concat([self._ingest(), self.engine.finish()], how="vertical_relaxed")
+        yield from self._wait(self._send(BarEngine.finish))
         if self.drift is not None:
             self.drift.finish()
-        return self._bar_output(records) if records.height else None
 
-    def partial(self) -> Output | None:
+    def partial(self) -> Iterator[Output]:
         """The end of a live run: the open bars as `partial`, nothing final."""
-        records = pl.concat([self._ingest(), self.engine.partial()], how="vertical_relaxed")
-        return self._bar_output(records) if records.height else None
+        yield from self._wait(self._send(BarEngine.partial))
+
+    def flush(self) -> Iterator[Output]:
+        """Give the bar engine every trade that waits, and wait for what that makes."""
+        yield from self._wait(self._send())
+
+    @property
+    def busy(self) -> bool:
+        """Whether the bar engine is working on something whose results are not out yet."""
+        return self._bars.busy > 0
+
+    def close(self) -> None:
+        self._bars.stop(5.0)
 
     # -- history -----------------------------------------------------------------------------
 
     def warm(self, history: pl.DataFrame, now_ms: int) -> Output:
         """Seed the indicators and the filters with earlier final bar records (see
         `BarEngine.warm`) before the first pass."""
+        # the engine's thread has nothing to do yet: this runs here, before it starts
         records = self.engine.warm(history)
-        self._due = self.engine.due_at()
+        self._bars.due = self.engine.due_at()
         if records.height and self.filters is not None:
             self.filters.seed(records)
         notice = Notice("warmed", now_ms, f"{records.height:,} earlier bars loaded")
         return Output(history=records, notices=[notice])
-
-    def flush(self) -> Output | None:
-        """Give the bar engine every trade that waits for it now; the bars that emits."""
-        records = self._ingest()
-        return self._bar_output(records) if records.height else None
 
     def rebuild(
         self,
@@ -138,44 +195,37 @@ class Stages:
         hi: int,
         trades: pl.DataFrame | None,
         aggregates: pl.DataFrame | None = None,
-    ) -> Output | None:
-        """Gap repair, after `flush`: the bars of `symbol` at `tf` starting in [lo, hi) made
-        again from every trade of that window (or, without trades, the REST API's aggregates),
-        as `revised`."""
-        if trades is not None:
-            records = self.engine.rebuild(symbol, tf, lo, hi, trades)
-        else:
+    ) -> Iterator[Output]:
+        """Gap repair: the bars of `symbol` at `tf` starting in [lo, hi) made again from every
+        trade of that window (or, without trades, the REST API's aggregates), as `revised`."""
+
+        def call(engine: BarEngine) -> pl.DataFrame:
+            if trades is not None:
+                return engine.rebuild(symbol, tf, lo, hi, trades)
             assert aggregates is not None
-            records = self.engine.rebuild_from_aggregates(symbol, tf, lo, hi, aggregates)
-        self._due = self.engine.due_at()
-        return self._bar_output(records) if records.height else None
+            return engine.rebuild_from_aggregates(symbol, tf, lo, hi, aggregates)
+
+        yield from self._wait(self._send(call))
 
     # -- bars --------------------------------------------------------------------------------
 
-    def _bars(self, batch: Batch) -> pl.DataFrame:
+    def _hold(self, batch: Batch) -> None:
+        """Keep the pass's trades (or aggregates) for the bar engine."""
         if self.bar_source == "polygon":
             if self.drift is not None and batch.trades.height:
                 self.drift.trades(batch.trades)
-            records = self.engine.add_aggregates(batch.aggregates)
-            self._due = self.engine.due_at()
-            return records
+            rows = batch.aggregates
+            if rows.height:
+                self._pending.append(rows)
+                self._rows += rows.height
+                self._first_due = _NEVER  # aggregates go to the engine as they come
+            return
         trades = batch.trades
-        if trades.height:
-            self._hold(trades)
-        if not self._rows:
-            return self._no_bars
-        # The watermark can reach at most the latest receipt plus the greatest lead seen.
-        offset = max(self.engine.offset if self.engine.offset is not None else _NEVER, self._lead)
-        bound = max(self.engine.watermark, self._received + offset)
-        if self._rows >= self.max_pending or bound >= min(self._due, self._first_due):
-            return self._ingest()
-        return self._no_bars
-
-    def _hold(self, trades: pl.DataFrame) -> None:
+        if not trades.height:
+            return
         self._pending.append(trades)
         self._rows += trades.height
-        tf = self.options.timeframes
-        shortest = min(tf)
+        shortest = min(self.options.timeframes)
         first = int(trades["time"].min())  # type: ignore[arg-type]
         lead = int((trades["time"] - trades["received"]).max())  # type: ignore[arg-type]
         self._received = max(self._received, int(trades["received"].max()))  # type: ignore[arg-type]
@@ -184,24 +234,63 @@ class Stages:
             self._first_due, first // shortest * shortest + shortest + self.options.lateness
         )
 
-    def _ingest(self) -> pl.DataFrame:
-        """Give the bar engine every trade that waits; the bars that emits."""
-        if not self._pending:
-            return self._no_bars
-        trades = pl.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+    def _due_now(self, now_ms: int | None) -> bool:
+        """Whether the engine could emit something: the watermark that the waiting trades (or,
+        live, the clock) can bring reaches the next bar's end plus the lateness."""
+        engine = self.engine
+        offset = max(engine.offset if engine.offset is not None else _NEVER, self._lead)
+        if offset == _NEVER:
+            return False
+        bound = max(engine.watermark, self._received + offset)
+        if now_ms is not None:
+            bound = max(bound, now_ms + offset)
+        return bound >= min(self._bars.due, self._first_due)
+
+    def _send(self, then: Callable[[BarEngine], pl.DataFrame] | None = None) -> _Job:
+        """Give the bar engine the waiting trades (or aggregates), then `then`, as one job."""
+        pending = self._pending
         self._pending = []
         self._rows = 0
         self._received = self._lead = _NEVER
         self._first_due = -_NEVER
-        records = self.engine.add_trades(trades)
-        self._due = self.engine.due_at()
-        return records
+        polygon = self.bar_source == "polygon"
 
-    def _bar_output(self, records: pl.DataFrame) -> Output:
-        if self.drift is not None:
-            self.drift.bars(records)
-        alerts = self.filters.on_bars(records) if self.filters is not None else []
-        return Output(bars=records, alerts=alerts)
+        def call(engine: BarEngine) -> pl.DataFrame:
+            parts = []
+            if pending:
+                rows = pl.concat(pending) if len(pending) > 1 else pending[0]
+                parts.append(engine.add_aggregates(rows) if polygon else engine.add_trades(rows))
+            if then is not None:
+                parts.append(then(engine))
+            if not parts:
+                return engine.add_trades(pl.DataFrame(schema=TRADE))
+            return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical_relaxed")
+
+        return self._bars.give(call)
+
+    def _finished(self) -> Iterator[Output]:
+        """The bars of every job the engine finished, in order, with their alerts."""
+        finished = self._bars.finished
+        while finished:
+            job = finished.popleft()
+            self._bars.busy -= 1
+            if job.error is not None:
+                raise job.error
+            records = job.records
+            if records is not None and records.height:
+                if self.drift is not None:
+                    self.drift.bars(records)
+                alerts = self.filters.on_bars(records) if self.filters is not None else []
+                yield Output(bars=records, alerts=alerts)
+        if self._bars.fatal is not None:
+            raise self._bars.fatal
+
+    def _wait(self, job: _Job) -> Iterator[Output]:
+        """Everything up to and including `job`, once it is done."""
+        while not job.done.wait(0.5):
+            if not self._bars.alive:
+                raise self._bars.fatal or WorkerError("The bar engine's thread has ended.")
+        yield from self._finished()
 
 
 def _latest_books(books: Sequence[tuple[str, Book]]) -> list[BookFeatures]:

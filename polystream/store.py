@@ -342,6 +342,11 @@ def _table_order(record: Schema, *leading: str) -> Schema:
     return {**{c: record[c] for c in leading}, **record}
 
 
+def _required(record: Schema, *optional: str) -> tuple[str, ...]:
+    """The columns an offered frame must have: all of `record`'s but the `optional` ones."""
+    return tuple(c for c in record if c not in optional)
+
+
 # The bars table has one column per indicator, named without the periods a run's columns carry
 # (rsi_14 is stored as rsi); the migrations fix this list.
 _BAR_INDICATORS = (
@@ -357,7 +362,7 @@ _SPECS: dict[str, _Table] = {
         "trades",
         "trades",
         _table_order(TRADE, "symbol", "time", "exchange", "trade_id"),
-        ("symbol", "time", "price", "size"),
+        _required(TRADE, "side", "exchange", "trade_id", "received"),
         # A trade without an id is keyed by its content, so that a replay still finds it.
         'INSERT INTO trades (symbol, "time", exchange, trade_id, price, size, side, received) '
         f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), "
@@ -370,7 +375,7 @@ _SPECS: dict[str, _Table] = {
         "quotes",
         "quotes",
         _table_order(QUOTE, "symbol", "time", "exchange"),
-        ("symbol", "time", "bid", "bid_size", "ask", "ask_size"),
+        _required(QUOTE, "exchange", "received"),
         'INSERT INTO quotes (symbol, "time", exchange, bid, bid_size, ask, ask_size, received) '
         f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), bid, bid_size, ask, ask_size, "
         f"{_ts('received')} FROM stage_quotes "
@@ -393,7 +398,7 @@ _SPECS: dict[str, _Table] = {
         "books",
         "book_snapshots",
         BOOK,
-        ("symbol", "time", "bids", "asks"),
+        _required(BOOK, "exchange"),
         'INSERT INTO book_snapshots (symbol, "time", exchange, bids, asks) '
         f"SELECT symbol, {_ts('time')}, coalesce(exchange, 0), bids::jsonb, asks::jsonb "
         'FROM stage_books ON CONFLICT (symbol, "time", exchange) DO NOTHING',
@@ -403,7 +408,7 @@ _SPECS: dict[str, _Table] = {
         "alerts",
         "alerts",
         ALERT,
-        ("filter", "symbol", "time", "severity", "message", "values"),
+        _required(ALERT, "timeframe"),
         'INSERT INTO alerts (filter, symbol, timeframe, "time", severity, message, "values") '
         f'SELECT filter, symbol, timeframe, {_ts("time")}, severity, message, "values"::jsonb '
         'FROM stage_alerts ON CONFLICT (filter, symbol, "time") DO NOTHING',
@@ -664,8 +669,7 @@ class Store(Worker[_Item]):
 
     # -- the caller's side -----------------------------------------------------------------------
 
-    # The pipeline hands over (table, rows); the inbox holds them numbered, hence the signature.
-    def offer(self, table: str, frame: pl.DataFrame) -> None:  # type: ignore[override]
+    def offer(self, table: str, frame: pl.DataFrame) -> None:
         """Hand over rows for `table`; never blocks on the database (a full inbox, or a stopped
         store, sends the frame to the journal on disk instead)."""
         _check_frame(table, frame)
@@ -677,7 +681,7 @@ class Store(Worker[_Item]):
             if self._closed:
                 self.overflow(item)
             else:
-                super().offer(item)
+                self.put(item)
 
     def overflow(self, item: _Item) -> None:
         """The inbox is full: the offer goes to the journal, in its place in the order."""
@@ -770,7 +774,7 @@ class Store(Worker[_Item]):
         while rows < self._batch_rows:
             left = deadline - time.monotonic()
             # Short waits: `stop` cannot leave its wake-up in a full inbox, and is noticed at once.
-            item = self.take(min(left, 0.05) if left > 0 else 0.0)
+            item = self.next_item(min(left, 0.05) if left > 0 else 0.0)
             if item is None:
                 if left > 0 and not self.stopping:
                     continue
@@ -781,7 +785,7 @@ class Store(Worker[_Item]):
             return items, items[-1].seq + 1
         with self._lock:
             # `take` also returns None for the wake-up `stop` leaves, which may precede an offer.
-            while (item := self.take(0.0)) is None:
+            while (item := self.next_item(0.0)) is None:
                 if self.inbox.empty():
                     return [], self._next_seq
         return [item], item.seq + 1

@@ -22,7 +22,7 @@ import polars as pl
 from .config import timeframe_name
 from .features import flow_imbalance_expr
 from .indicators import IndicatorParams, IndicatorState, update_many
-from .schema import BarState, bar_columns
+from .schema import PRICES, BarState, bar_columns
 
 _NEVER = -(2**62)
 
@@ -333,10 +333,7 @@ class BarEngine:
                 pl.lit(symbol).alias("symbol"), pl.lit(tf, pl.Int64).alias("tf"), closes.alias("_c")
             )
             .with_columns(
-                *(
-                    pl.when(empty).then(pl.col("_c")).otherwise(pl.col(c)).alias(c)
-                    for c in ("open", "high", "low", "close")
-                ),
+                *(pl.when(empty).then(pl.col("_c")).otherwise(pl.col(c)).alias(c) for c in PRICES),
                 *(pl.col(c).fill_null(0) for c in ("volume", "pv", "buy_volume", "sell_volume")),
                 pl.col("trades").fill_null(0),
             )
@@ -531,7 +528,7 @@ class BarEngine:
             .with_columns(
                 *(
                     pl.when(empty).then(pl.col("_carry")).otherwise(pl.col(c)).alias(c)
-                    for c in ("open", "high", "low", "close")
+                    for c in PRICES
                 ),
                 *(pl.col(c).fill_null(0) for c in ("volume", "pv", "buy_volume", "sell_volume")),
                 pl.col("trades").fill_null(0),
@@ -572,7 +569,7 @@ class BarEngine:
             # A zero-volume bar's prices are the previous close, not trades: they give way.
             stored = stored.with_columns(
                 pl.when(pl.col("trades") == 0).then(None).otherwise(pl.col(c)).alias(c)
-                for c in ("open", "high", "low", "close")
+                for c in PRICES
             )
             merged = _merge(
                 [

@@ -2,7 +2,7 @@
 Telegram notifier and the gap-repair fetcher each run on a named daemon thread with an optional
 bounded inbox, start/stop/join, backoff with jitter, and a fatal error kept as one sentence.
 
-The owner calls `start`, `offer` (never blocks unless the subclass says so), `stop` and `join`
+The owner calls `start`, `put` (never blocks unless the subclass says so), `stop` and `join`
 from its own thread; the subclass's `run` is the thread's body and watches `stopping`.
 """
 
@@ -70,7 +70,7 @@ class Worker(Generic[T]):
     """A named daemon thread running `run`, with an inbox of at most `inbox_size` items (none
     when 0).
 
-    `offer` puts an item in the inbox without blocking; when it is full, `overflow(item)`
+    `put` puts an item in the inbox without blocking; when it is full, `overflow(item)`
     decides (by default the caller waits for room: market data is never dropped). `stop` asks
     the thread to end within `timeout` seconds (`deadline` tells it when) and waits that long
     when a timeout is given; `stopped()` then runs on the caller's thread. An exception that
@@ -95,7 +95,7 @@ class Worker(Generic[T]):
             self._thread.start()
         return self
 
-    def offer(self, item: T) -> None:
+    def put(self, item: T) -> None:
         """Hand `item` to the thread; see the class docstring for a full inbox."""
         assert self.inbox is not None, f"{self.name} has no inbox"
         try:
@@ -165,7 +165,7 @@ class Worker(Generic[T]):
     def wake(self) -> None:
         self._wake.set()
 
-    def take(self, timeout: float | None) -> T | None:
+    def next_item(self, timeout: float | None) -> T | None:
         """The next item of the inbox, waiting up to `timeout` seconds (0: don't wait); None when
         there is none or `stop` interrupted the wait."""
         assert self.inbox is not None

@@ -116,11 +116,11 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
 
 
 def replay(path: Path, *, speed: float | None = None, batch: int = 50_000) -> Capture:
-    """Replay with passes of about `batch` events: the replay hands frames over in chunks of
-    a tenth of that, and trades wait for the bar engine up to that many."""
+    """Replay with passes of about `batch` events, and at most that many trades waiting for the
+    bar engine."""
     out = Capture()
     pipeline = Pipeline(
-        ReplaySource(path, speed=speed, chunk=max(1, batch // 10)),
+        ReplaySource(path, speed=speed),
         Stages(
             list(SYMBOLS.values()),
             BarOptions(timeframes=TIMEFRAMES, lateness=LATENESS),

@@ -13,13 +13,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import msgspec
 import polars as pl
 
 from ..config import timeframe_name
 from ..indicators import IndicatorParams, IndicatorState, compute, update_many
-from ..schema import BAR, BAR_FEATURES, Alert, bar_columns
+from ..schema import BAR, BAR_FEATURES, PRICES, Alert, bar_columns
 from . import lang
 from .spec import Filter, Template
 
@@ -148,7 +149,7 @@ class FilterEngine:
             keep = max(lookback, SEED_BARS)
             if loaded:
                 frame = self._bar_frame(tf, tail, final, loaded, lookback)
-                alerts += self._evaluate(frame, loaded, "start", name)
+                alerts += self._evaluate(frame, frame.height - final.height, loaded, "start", name)
             _remember(tail, final, keep)
         return alerts
 
@@ -168,18 +169,16 @@ class FilterEngine:
         loaded: list[_Loaded],
         lookback: int,
     ) -> pl.DataFrame:
-        """Kept bars + new ones, with `_new` marking the new and any derived indicator columns
-        (parameters other than the run's) from streaming states of their own."""
-        new = final.with_columns(pl.lit(True).alias("_new"))
+        """Kept bars, then the new ones, with any derived indicator columns (parameters other
+        than the run's) from streaming states of their own."""
         if tail.rows is None:
-            frame = new
+            frame = final
         else:
-            old = tail.rows.with_columns(pl.lit(False).alias("_new"))
-            frame = pl.concat([old, new.select(old.columns)], how="vertical_relaxed")
+            frame = pl.concat([tail.rows, final.select(tail.rows.columns)], how="vertical_relaxed")
         groups = _merge([d for lf in loaded for d in lf.compiled.derived], self.params)
         if not groups:
             return frame
-        raw = ["symbol", "start", "open", "high", "low", "close"]
+        raw = ["symbol", "start", *PRICES]
         work: list[tuple[IndicatorState, pl.DataFrame, bool]] = []
         keys: list[tuple[str, int]] = []
         per_symbol = final.select(raw).partition_by("symbol", as_dict=True, maintain_order=True)
@@ -230,21 +229,29 @@ class FilterEngine:
         if rows.height == 0:
             return []
         lookback = max(lf.compiled.lookback for lf in loaded)
-        # every step groups by symbol, which is several times faster on a categorical
-        new = rows.with_columns(pl.col("symbol").cast(pl.Categorical), pl.lit(True).alias("_new"))
+        # windows group by symbol, which is several times faster on a categorical
+        frame = rows.with_columns(pl.col("symbol").cast(pl.Categorical))
+        old = 0
         if lookback and tail.rows is not None:
-            frame = pl.concat([tail.rows.with_columns(pl.lit(False).alias("_new")), new])
-        else:
-            frame = new
-        alerts = self._evaluate(frame, loaded, "time", None)
-        tail.keep(frame.drop("_new"), lookback)
+            old = tail.rows.height
+            frame = pl.concat([tail.rows, frame])
+        alerts = self._evaluate(frame, old, loaded, "time", None)
+        tail.keep(frame, lookback)
         return alerts
 
     # -- evaluation ----------------------------------------------------------------------------
 
     def _evaluate(
-        self, frame: pl.DataFrame, loaded: list[_Loaded], time_column: str, timeframe: str | None
+        self,
+        frame: pl.DataFrame,
+        old: int,
+        loaded: list[_Loaded],
+        time_column: str,
+        timeframe: str | None,
     ) -> list[Alert]:
+        """Alerts of `loaded` over the rows of `frame` after the first `old` (earlier rows,
+        there for look-backs only). Everything is one polars pass; Python sees only the rows
+        that fire."""
         # Columns made from a literal stay scalars inside polars, and an expression such as
         # `0 < vwap` over one comes out one row long instead of broadcast: make them real.
         frame = pl.DataFrame(frame.get_columns())
@@ -254,69 +261,62 @@ class FilterEngine:
                 pl.repeat(float(n), frame.height, eager=True).alias(lang.divisor_column(n))
                 for n in lengths
             )
-        conditions = []
+        edges = [i for i, lf in enumerate(loaded) if lf.filter.trigger == "edge"]
+        columns = []
         for i, lf in enumerate(loaded):
             cond = lf.compiled.condition
             if lf.filter.symbols:
-                cond = cond & pl.col("symbol").is_in(list(lf.filter.symbols))
-            conditions.append(cond.alias(f"_c{i}"))
-        evaluated = (
-            frame.select(
-                pl.col("symbol"), pl.col("_new"), pl.col(time_column).alias("_time"), *conditions
-            )
-            .with_row_index("_row")
-            .filter(pl.col("_new"))
-            .with_row_index("_i")
-        )
+                cond = cond & _any_of(lf.filter.symbols)
+            columns.append(cond.alias(f"_c{i}"))
+        evaluated = frame.select(*columns).slice(old)
         if evaluated.height == 0:
             return []
-        # the previous row of the same symbol, found once for every edge trigger
-        edges = [i for i, lf in enumerate(loaded) if lf.filter.trigger == "edge"]
+        symbols = frame["symbol"].slice(old)
+        times = frame[time_column].slice(old)
         if edges:
-            evaluated = evaluated.with_columns(pl.col("_i").shift(1).over("symbol").alias("_p"))
-        fires = [
-            (
-                pl.col(f"_c{i}") & ~pl.col(f"_c{i}").gather(pl.col("_p")).fill_null(False)
-                if i in edges
-                else pl.col(f"_c{i}")
-            ).alias(f"_f{i}")
-            for i in range(len(loaded))
-        ]
-        flags = evaluated.select("_row", "symbol", pl.col("_time"), *fires)
-        # a symbol's first row here follows its last row of the previous batch
-        firsts: dict[str, int] = {}
-        if edges:
-            first_rows = evaluated.filter(pl.col("_p").is_null()).select("symbol", "_row")
-            firsts = dict(first_rows.iter_rows())
+            first, last = symbols.is_first_distinct(), symbols.is_last_distinct()
+            # the rows grouped by symbol, each symbol's rows in their order
+            n = symbols.len()
+            group = symbols.rank("dense").cast(pl.Int64) * n
+            order = (group + pl.int_range(0, n, dtype=pl.Int64, eager=True)).arg_sort()
         fired: list[tuple[int, list[int]]] = []
         for i, lf in enumerate(loaded):
-            column = flags[f"_f{i}"]
-            if not column.any():
+            now = evaluated[f"_c{i}"]
+            edge = i in edges
+            # an edge: true now, and not on the symbol's previous row (its last row of the
+            # previous batch, for its first row here)
+            fires = now & ~_previous(now, symbols, order).fill_null(False) if edge else now
+            before = lf.edge
+            if edge:
+                ends = zip(symbols.filter(last).to_list(), now.filter(last).to_list(), strict=True)
+                lf.edge = {**before, **{str(sym): bool(v) for sym, v in ends}}
+            if not fires.any():
                 continue
-            hits = flags.filter(column).select("_row", "symbol", "_time")
-            stale: set[int] = set()
-            if i in edges and lf.edge:
-                stale = {firsts[s] for s, on in lf.edge.items() if on and s in firsts}
-            rows = self._cool(lf.filter, hits, stale)
-            if rows:
-                fired.append((i, rows))
-        last = evaluated.filter(pl.col("symbol").is_last_distinct())
-        for row in last.select("symbol", *(f"_c{i}" for i in edges)).iter_rows():
-            for i, value in zip(edges, row[1:], strict=True):
-                loaded[i].edge[row[0]] = bool(value)
+            rows = fires.arg_true()
+            hits = zip(
+                rows.to_list(),
+                symbols.gather(rows).cast(pl.String).to_list(),
+                times.gather(rows).to_list(),
+                first.gather(rows).to_list() if edge else repeat(False),
+                strict=False,
+            )
+            chosen = self._cool(
+                lf.filter,
+                ((old + r, sym, t) for r, sym, t, head in hits if not (head and before.get(sym))),
+            )
+            if chosen:
+                fired.append((i, chosen))
         if not fired:
             return []
         alerts = self._alerts(frame, loaded, fired, time_column, timeframe)
         alerts.sort(key=lambda a: a.time)
         return alerts
 
-    def _cool(self, f: Filter, hits: pl.DataFrame, stale: set[int]) -> list[int]:
+    def _cool(self, f: Filter, hits: Iterable[tuple[int, str, int]]) -> list[int]:
         """The rows that fire after the filter's cooldown (per symbol, in event time)."""
         chosen: list[int] = []
         cooldown = f.cooldown
-        for row, symbol, t in hits.iter_rows():
-            if row in stale:
-                continue
+        for row, symbol, t in hits:
             key = (f.name, symbol)
             last = self._cooldown.get(key)
             if cooldown and last is not None and t - last < cooldown:
@@ -394,6 +394,25 @@ class FilterEngine:
             latest = max(columns["_time"][position[r]] for r in rows)
             self.last_fired[f.name] = max(self.last_fired.get(f.name, 0), latest)
         return out
+
+
+def _previous(values: pl.Series, symbols: pl.Series, order: pl.Series) -> pl.Series:
+    """The value of each row's previous row of the same symbol (null for a symbol's first row),
+    given `order`, the rows grouped by symbol in their order. Series operations only: a window
+    over a small batch costs far more."""
+    grouped = symbols.gather(order)
+    previous = values.gather(order).shift(1)
+    starts = (grouped != grouped.shift(1)).fill_null(True)
+    previous = previous.scatter(starts.arg_true(), None)
+    return previous.gather(order.arg_sort())
+
+
+def _any_of(symbols: Sequence[str]) -> pl.Expr:
+    """`symbol` is one of `symbols` (equalities: `is_in` costs more on a small batch)."""
+    expr = pl.col("symbol") == symbols[0]
+    for s in symbols[1:]:
+        expr = expr | (pl.col("symbol") == s)
+    return expr
 
 
 def _remember(tail: _Tail, final: pl.DataFrame, keep: int) -> None:

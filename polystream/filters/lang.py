@@ -13,13 +13,14 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import get_args
 
 import msgspec
 import polars as pl
 
 from ..errors import SymbolError
 from ..indicators import IndicatorParams
-from ..schema import BAR_FIELDS, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
+from ..schema import BAR_FIELDS, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, RowKind
 from ..symbols import normalize
 
 MAX_LENGTH = 2_000
@@ -32,7 +33,7 @@ EMA_MEMORY = 40
 # Explicit window sums keep results independent of batch cuts; past this, a rolling sum.
 EXPLICIT_SUM = 64
 
-KINDS = ("bar", "trade", "quote")
+KINDS: tuple[RowKind, ...] = get_args(RowKind)
 NUM, BOOL = "number", "true/false"
 SIDES = {"buy": SIDE_BUY, "sell": SIDE_SELL, "unknown": SIDE_UNKNOWN}
 

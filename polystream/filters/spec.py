@@ -14,6 +14,7 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import yaml
@@ -21,13 +22,14 @@ import yaml
 from ..config import TIMEFRAMES, timeframe_name
 from ..errors import ConfigError, PolystreamError, SymbolError
 from ..indicators import IndicatorParams
+from ..schema import RowKind, Severity
 from ..symbols import normalize
 from . import lang
 
 MAX_FILE_BYTES = 64 * 1024
 NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 TRIGGERS = ("edge", "level")
-SEVERITIES = ("info", "warning", "critical")
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)
 NOTIFIERS = ("console", "telegram")
 KEYS = (
     "name",
@@ -140,13 +142,13 @@ class Filter(msgspec.Struct, frozen=True):
 
     name: str
     when: str
-    on: str = "bar"
+    on: RowKind = "bar"
     description: str = ""
     symbols: tuple[str, ...] = ()
     timeframe: int | None = None
     trigger: str = "edge"
     cooldown: int = 0  # ms
-    severity: str = "warning"
+    severity: Severity = "warning"
     message: str = ""
     notify: tuple[str, ...] = ("console",)
     path: str = ""

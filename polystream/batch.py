@@ -90,10 +90,11 @@ class Batcher:
             chunks.append(self._chunk(frames[start:]))
         if len(chunks) == 1:
             return chunks[0]
+        # one contiguous column each: polars works on many small chunks far slower
         return Batch(
-            pl.concat([c.trades for c in chunks]),
-            pl.concat([c.quotes for c in chunks]),
-            pl.concat([c.aggregates for c in chunks]),
+            pl.concat([c.trades for c in chunks], rechunk=True),
+            pl.concat([c.quotes for c in chunks], rechunk=True),
+            pl.concat([c.aggregates for c in chunks], rechunk=True),
             [b for c in chunks for b in c.books],
             chunks[-1].received,
             sum(c.other for c in chunks),

@@ -33,6 +33,7 @@ from .worker import Worker, WorkerError
 BarSource: TypeAlias = Literal["trades", "polygon"]
 
 _NEVER = -(2**62)
+_PENDING_PIECES = 64
 
 
 class _Job:
@@ -225,6 +226,10 @@ class Stages:
             return
         self._pending.append(trades)
         self._rows += trades.height
+        if len(self._pending) >= _PENDING_PIECES:
+            # A frame of thousands of one-pass pieces makes every polars step on it several
+            # times slower, some of them holding the GIL: join the pieces as they come.
+            self._pending = [pl.concat(self._pending, rechunk=True)]
         shortest = min(self.options.timeframes)
         first = int(trades["time"].min())  # type: ignore[arg-type]
         lead = int((trades["time"] - trades["received"]).max())  # type: ignore[arg-type]
@@ -258,7 +263,7 @@ class Stages:
         def call(engine: BarEngine) -> pl.DataFrame:
             parts = []
             if pending:
-                rows = pl.concat(pending) if len(pending) > 1 else pending[0]
+                rows = pl.concat(pending, rechunk=True) if len(pending) > 1 else pending[0]
                 parts.append(engine.add_aggregates(rows) if polygon else engine.add_trades(rows))
             if then is not None:
                 parts.append(then(engine))

@@ -274,20 +274,22 @@ class FilterEngine:
         symbols = frame["symbol"].slice(old)
         times = frame[time_column].slice(old)
         if edges:
-            first, last = symbols.is_first_distinct(), symbols.is_last_distinct()
-            # the rows grouped by symbol, each symbol's rows in their order
-            n = symbols.len()
-            group = symbols.rank("dense").cast(pl.Int64) * n
-            order = (group + pl.int_range(0, n, dtype=pl.Int64, eager=True)).arg_sort()
+            # each symbol's first and last row here, and each row's previous one of its symbol
+            marks = pl.DataFrame([symbols, *(evaluated[f"_c{i}"] for i in edges)]).select(
+                pl.col("symbol").is_first_distinct().alias("_first"),
+                pl.col("symbol").is_last_distinct().alias("_last"),
+                *(pl.col(f"_c{i}").shift(1).over("symbol").alias(f"_p{i}") for i in edges),
+            )
         fired: list[tuple[int, list[int]]] = []
         for i, lf in enumerate(loaded):
             now = evaluated[f"_c{i}"]
             edge = i in edges
             # an edge: true now, and not on the symbol's previous row (its last row of the
             # previous batch, for its first row here)
-            fires = now & ~_previous(now, symbols, order).fill_null(False) if edge else now
+            fires = now & ~marks[f"_p{i}"].fill_null(False) if edge else now
             before = lf.edge
             if edge:
+                last = marks["_last"]
                 ends = zip(symbols.filter(last).to_list(), now.filter(last).to_list(), strict=True)
                 lf.edge = {**before, **{str(sym): bool(v) for sym, v in ends}}
             if not fires.any():
@@ -297,7 +299,7 @@ class FilterEngine:
                 rows.to_list(),
                 symbols.gather(rows).cast(pl.String).to_list(),
                 times.gather(rows).to_list(),
-                first.gather(rows).to_list() if edge else repeat(False),
+                marks["_first"].gather(rows).to_list() if edge else repeat(False),
                 strict=False,
             )
             chosen = self._cool(
@@ -394,17 +396,6 @@ class FilterEngine:
             latest = max(columns["_time"][position[r]] for r in rows)
             self.last_fired[f.name] = max(self.last_fired.get(f.name, 0), latest)
         return out
-
-
-def _previous(values: pl.Series, symbols: pl.Series, order: pl.Series) -> pl.Series:
-    """The value of each row's previous row of the same symbol (null for a symbol's first row),
-    given `order`, the rows grouped by symbol in their order. Series operations only: a window
-    over a small batch costs far more."""
-    grouped = symbols.gather(order)
-    previous = values.gather(order).shift(1)
-    starts = (grouped != grouped.shift(1)).fill_null(True)
-    previous = previous.scatter(starts.arg_true(), None)
-    return previous.gather(order.arg_sort())
 
 
 def _any_of(symbols: Sequence[str]) -> pl.Expr:

@@ -54,15 +54,26 @@ _NOTICE_STYLE = {
 _SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
 
 
-def alert_line(alert: Alert) -> Text:
-    """One alert as a line: time, severity, filter, symbol (and timeframe), message."""
+def _alert_parts(alert: Alert) -> tuple[str, str, str, str]:
+    """Time, severity, filter, and symbol (with timeframe) with the message, as shown."""
     stamp = time.strftime("%H:%M:%S", time.gmtime(alert.time / 1000))
     where = f"{alert.symbol} {alert.timeframe}" if alert.timeframe else alert.symbol
-    text = Text(f"{stamp} ")
-    text.append(f"{alert.severity:<8}", style=_SEVERITY_STYLE.get(alert.severity, ""))
-    text.append(f" {alert.filter} ", style="bold")
-    text.append(f"{where}: {alert.message}")
+    return f"{stamp} ", f"{alert.severity:<8}", f" {alert.filter} ", f"{where}: {alert.message}"
+
+
+def alert_line(alert: Alert) -> Text:
+    """One alert as a line: time, severity, filter, symbol (and timeframe), message."""
+    stamp, severity, name, rest = _alert_parts(alert)
+    text = Text(stamp)
+    text.append(severity, style=_SEVERITY_STYLE.get(alert.severity, ""))
+    text.append(name, style="bold")
+    text.append(rest)
     return text
+
+
+def alert_text(alert: Alert) -> str:
+    """`alert_line` without styles, for plain lines."""
+    return "".join(_alert_parts(alert))
 
 
 def _to_console(alerts: Iterable[Alert]) -> list[Alert]:
@@ -172,13 +183,6 @@ def bar_line(row: tuple[Any, ...]) -> str:
         f"{stamp} {symbol} {timeframe} {state}: close {fmt_price(close)} volume "
         f"{fmt_size(volume)} trades {trades} RSI {rsi_text}"
     )
-
-
-def alert_text(alert: Alert) -> str:
-    """`alert_line` without styles, for plain lines."""
-    stamp = time.strftime("%H:%M:%S", time.gmtime(alert.time / 1000))
-    where = f"{alert.symbol} {alert.timeframe}" if alert.timeframe else alert.symbol
-    return f"{stamp} {alert.severity:<8} {alert.filter} {where}: {alert.message}"
 
 
 def _summary(feed: FeedState) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import msgspec
@@ -134,12 +134,6 @@ class Sinks:
         self._clock = clock
         self.error: PolystreamError | None = None
         self._view = View(0, (), (), 0, FeedState())
-
-    def __iter__(self) -> Iterator[Sink]:
-        return iter(list(self._sinks))
-
-    def __len__(self) -> int:
-        return len(self._sinks)
 
     def add(self, sink: Sink) -> None:
         self._sinks.append(sink)

@@ -194,20 +194,18 @@ def demo(
     if filters is None:
         configured = load_settings().filters_dir
         filters = configured if configured.is_dir() else shipped_dir()
-    _run(
-        RunOptions(
-            ("X:BTCUSD", "X:ETHUSD"),
-            feed="demo",
-            timeframes=tuple(parse_timeframe(tf) for tf in timeframe),
-            ui="lines" if no_ui else "dashboard",
-            json=json_out,
-            duration=duration,
-            record=record,
-            seed=seed,
-            filters_dir=filters,
-            store=store,
-            notify=notify,
-        )
+    watch(
+        ["X:BTCUSD", "X:ETHUSD"],
+        feed="demo",
+        timeframe=timeframe,
+        no_ui=no_ui,
+        json_out=json_out,
+        duration=duration,
+        record=record,
+        seed=seed,
+        filters=filters,
+        store=store,
+        notify=notify,
     )
 
 

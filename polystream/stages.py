@@ -50,13 +50,14 @@ class _Job:
 
 class _BarThread(Worker[_Job]):
     """Runs jobs on the bar engine in the order given; finished ones wait in `finished`, and
-    `due`, `watermark` and `offset` tell where the engine stood after the last one."""
+    `due` is the engine's `due_at` after the last one. `busy` counts the jobs given whose
+    results the pipeline thread has not collected yet."""
 
     def __init__(self, engine: BarEngine) -> None:
         super().__init__("polystream-bars", inbox_size=1_000)
         self.engine = engine
         self.finished: collections.deque[_Job] = collections.deque()
-        self.busy = 0  # jobs given and not finished
+        self.busy = 0
         self.due = engine.due_at()
 
     def run(self) -> None:
@@ -139,7 +140,7 @@ class Stages:
         self._hold(batch)
         rows = self._rows
         if rows >= self.max_pending or (
-            rows >= self.min_pending and not self._bars.busy and self._due_now(None)
+            rows and rows >= self.min_pending and not self._bars.busy and self._due_now(None)
         ):
             self._send()
         yield from self._finished()

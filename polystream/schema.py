@@ -34,7 +34,6 @@ Severity: TypeAlias = Literal["info", "warning", "critical"]
 SIDE_UNKNOWN = 0
 SIDE_SELL = 1  # condition 1: seller-initiated
 SIDE_BUY = 2  # condition 2: buyer-initiated
-SIDE_NAMES = {SIDE_BUY: "buy", SIDE_SELL: "sell", SIDE_UNKNOWN: "unknown"}
 
 
 def trade_side(conditions: Iterable[object] | None) -> int:

@@ -48,16 +48,11 @@ class Backoff:
         self.attempts = 0
         self._rng = rng or random.Random()
 
-    def base(self, attempt: int | None = None) -> float:
-        """The delay before jitter for `attempt` (default: the next one)."""
-        n = self.attempts if attempt is None else attempt
-        return float(min(self.maximum, self.initial * 2.0 ** min(n, 64)))
-
     def next(self) -> float:
         """The delay before the next attempt; counts the attempt."""
-        delay = self.base() * (1.0 - self.jitter * self._rng.random())
+        base = min(self.maximum, self.initial * 2.0 ** min(self.attempts, 64))
         self.attempts += 1
-        return delay
+        return float(base * (1.0 - self.jitter * self._rng.random()))
 
     def reset(self) -> None:
         self.attempts = 0

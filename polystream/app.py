@@ -23,7 +23,7 @@ import polars as pl
 from . import display
 from .config import DEFAULT_REST_URL, Settings, check_url, load_settings, timeframe_name
 from .decode import Decoder
-from .errors import ConfigError, PolystreamError
+from .errors import ConfigError, PolystreamError, SymbolError
 from .filters import Filter, FilterEngine, FilterWatcher
 from .indicators import IndicatorParams
 from .pipeline import Pipeline, RunResult, Source
@@ -110,7 +110,7 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
     if options.bars == "polygon":
         needed = {"XA"} if min(timeframes) >= 60_000 else {"XA", "XAS"}
         channels = tuple(dict.fromkeys([*channels, *sorted(needed)]))
-    store = _store(settings, options.store)
+    store, store_down = _store(settings, options.store)
     notifier = _notifier(settings, options.notify)
     filters = FilterEngine(watcher.filters, params=bar_options.params, timeframes=timeframes)
     with contextlib.ExitStack() as stack:
@@ -135,11 +135,12 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
         if options.record is not None:
             pipeline.add(RecorderSink(Recorder(options.record)))
         if store is not None:
-            pipeline.add(StoreSink(store, SINK_TIMEOUT))
+            pipeline.add(StoreSink(store, SINK_TIMEOUT, down=store_down))
         if notifier is not None:
             pipeline.add(TelegramSink(notifier, SINK_TIMEOUT))
         if options.warmup and live:
-            history_bars = _history(settings, store is not None, options.feed, symbols, timeframes)
+            stored = store is not None and store_down is None
+            history_bars = _history(settings, stored, options.feed, symbols, timeframes)
             if history_bars is not None:
                 pipeline.sinks.write(stages.warm(history_bars, pipeline.now_ms()))
         yield pipeline
@@ -196,8 +197,7 @@ def _source(
         demo = stack.enter_context(DemoFeed(seed=options.seed))
         return FeedClient(demo.url, "demo", pairs, channels)
     if feed == "polygon" or feed.startswith(("ws://", "wss://")):
-        url = settings.ws_url if feed == "polygon" else feed
-        check_url("--feed", url, ("ws", "wss"))
+        url = settings.ws_url if feed == "polygon" else check_url("--feed", feed, ("ws", "wss"))
         if not settings.api_key:
             raise ConfigError(
                 "No API key: set POLYGON_API_KEY (or MASSIVE_API_KEY) in the environment or "
@@ -207,8 +207,8 @@ def _source(
     path = Path(feed)
     if not path.exists():
         raise ConfigError(
-            f"--feed {feed!r} is neither polygon, demo, a ws:// or wss:// URL, "
-            "nor an existing recording file."
+            f"--feed {feed!r}: the recording {path} does not exist (and it is not polygon, demo, "
+            "or a ws:// or wss:// URL)."
         )
     return ReplaySource(path, speed=options.speed)
 
@@ -222,16 +222,22 @@ def database_url(settings: Settings) -> str:
     return settings.database_url
 
 
-def _store(settings: Settings, wanted: bool | None) -> Store | None:
-    """The database writer, when storage is asked for or DATABASE_URL is set; a database with
-    pending migrations is refused before anything runs."""
+def _store(settings: Settings, wanted: bool | None) -> tuple[Store | None, str | None]:
+    """The database writer, when storage is asked for or DATABASE_URL is set, and why the
+    database cannot be reached now, if it cannot: rows then wait in the journal until it is
+    back. A database with pending migrations, or one that refuses the login, is refused before
+    anything runs."""
     if wanted is False or (wanted is None and not settings.database_url):
-        return None
-    from .store import Store, require_migrated
+        return None, None
+    from .store import Store, Unreachable, require_migrated
 
     url = database_url(settings)
-    require_migrated(url)
-    return Store(url, settings.state_dir)
+    down = None
+    try:
+        require_migrated(url)
+    except Unreachable as exc:
+        down = str(exc).rstrip(".")
+    return Store(url, settings.state_dir), down
 
 
 def _notifier(settings: Settings, wanted: bool | None) -> TelegramNotifier | None:
@@ -400,7 +406,7 @@ def backfill(
             raise writer.fatal
         stats = writer.stats
         waiting = (
-            f", {stats.journal_files} batches waiting in the journal" if stats.journal_files else ""
+            f", {stats.journal_rows:,} rows waiting in the journal" if stats.journal_rows else ""
         )
         return (
             f"fetched {sum(rows.values()):,} rows; {stats.rows_written:,} new rows stored{waiting}"
@@ -438,7 +444,11 @@ def recording_symbols(path: Path) -> list[str]:
             pair = getattr(event, "pair", None)
             if isinstance(pair, str) and pair not in seen:
                 seen[pair] = None
-    return [from_pair(p) for p in seen]
+    symbols: dict[str, None] = {}
+    for pair in seen:
+        with contextlib.suppress(SymbolError):  # the replay rejects and counts its events
+            symbols[from_pair(pair)] = None
+    return list(symbols)
 
 
 def replay_filters(

@@ -2,7 +2,9 @@
 
 `Batcher.build(frames)` decodes the frames of one pass and returns a `Batch`: polars DataFrames
 of the watched symbols' trades, quotes and aggregates (schemas from `schema`), in arrival order,
-and their book snapshots. Events of other symbols are counted and dropped.
+and their book snapshots. Events of other symbols are counted and dropped; events whose pair names
+no symbol, and trades and quotes with a number outside its range (`events.MAX_*`), are rejected
+through the decoder, which counts them and logs the first few.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable, Sequence
 from itertools import chain, compress, repeat
-from operator import is_
+from operator import is_, not_
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -18,7 +20,18 @@ import polars as pl
 
 from .decode import Decoder
 from .errors import SymbolError
-from .events import Aggregate, Book, Quote, SecondAggregate, Trade
+from .events import (
+    MAX_EXCHANGE,
+    MAX_NOTIONAL,
+    MAX_PRICE,
+    MAX_SIZE,
+    MAX_TIME,
+    Aggregate,
+    Book,
+    Quote,
+    SecondAggregate,
+    Trade,
+)
 from .schema import AGGREGATE, QUOTE, SIDE_BUY, SIDE_SELL, TRADE, Schema, empty, trade_side
 from .source import Frame
 from .symbols import from_pair
@@ -27,6 +40,27 @@ from .symbols import from_pair
 # one chunk are still in the CPU's caches when their columns are built.
 CHUNK_BYTES = 500_000
 _SIDES = (SIDE_SELL, SIDE_BUY)
+# A feed sending endless made-up pairs stays bounded: beyond this many, a new pair is looked up
+# each time, and one that names no symbol is counted as another symbol's.
+MAX_PAIRS = 100_000
+
+_Ranges = tuple[tuple[str, float, float], ...]
+# Ranges of the columns whose events msgspec does not check (see `events.Trade`). Columns are
+# built leniently, so an integer beyond its dtype is already null there.
+_TRADE_RANGES: _Ranges = (
+    ("time", 0, MAX_TIME),
+    ("exchange", 0, MAX_EXCHANGE),
+    ("price", 0, MAX_PRICE),
+    ("size", 0, MAX_SIZE),
+)
+_QUOTE_RANGES: _Ranges = (
+    ("time", 0, MAX_TIME),
+    ("exchange", 0, MAX_EXCHANGE),
+    ("bid", 0, MAX_PRICE),
+    ("bid_size", 0, MAX_SIZE),
+    ("ask", 0, MAX_PRICE),
+    ("ask_size", 0, MAX_SIZE),
+)
 
 
 class _Paired(Protocol):
@@ -67,6 +101,34 @@ def _frame(schema: Schema, columns: dict[str, list[Any]]) -> pl.DataFrame:
     )
 
 
+def _in_range(frame: pl.DataFrame, ranges: _Ranges, notional: bool) -> bool:
+    """Whether every row is within `ranges` (and, with `notional`, price × size within
+    `MAX_NOTIONAL`): a few calls per column, whatever the number of rows."""
+    for name, low, high in ranges:
+        column = frame.get_column(name)
+        if column.null_count() or column.min() < low or column.max() > high:  # type: ignore[operator]
+            return False
+    if notional:
+        largest = (frame.get_column("price") * frame.get_column("size")).max()
+        return bool(largest <= MAX_NOTIONAL)  # type: ignore[operator]
+    return True
+
+
+def _out_of_range(frame: pl.DataFrame, ranges: _Ranges, notional: bool) -> tuple[pl.Series, str]:
+    """Which rows break `ranges` (or the notional bound), and what they break."""
+    checks = {
+        f"{name} outside [{low:g}, {high:g}]": pl.col(name).is_between(low, high)
+        for name, low, high in ranges
+    }
+    if notional:
+        checks[f"price × size above {MAX_NOTIONAL:g}"] = (
+            pl.col("price") * pl.col("size") <= MAX_NOTIONAL
+        )
+    passed = frame.select(check.fill_null(False).alias(why) for why, check in checks.items())
+    broken = "; ".join(column.name for column in passed.iter_columns() if not column.all())
+    return passed.select(~pl.all_horizontal(pl.all())).to_series(), broken
+
+
 class Batcher:
     """Builds `Batch`es for `symbols` (REST form; None: every symbol the feed sends)."""
 
@@ -74,6 +136,7 @@ class Batcher:
         self.decoder = decoder or Decoder()
         self._watched = None if symbols is None else frozenset(symbols)
         self._symbols: dict[str, str | None] = {}  # feed pair → watched symbol, or None
+        self._invalid: set[str] = set()  # feed pairs that name no symbol at all
 
     def build(self, frames: Sequence[Frame]) -> Batch:
         """The events of `frames`, as columns."""
@@ -110,9 +173,11 @@ class Batcher:
             symbol: str | None = from_pair(pair)
         except SymbolError:
             symbol = None
+            if len(self._invalid) < MAX_PAIRS:
+                self._invalid.add(pair)
         if self._watched is not None and symbol not in self._watched:
             symbol = None
-        if len(self._symbols) < 100_000:  # a feed sending endless made-up pairs stays bounded
+        if len(self._symbols) < MAX_PAIRS:
             self._symbols[pair] = symbol
         return symbol
 
@@ -149,10 +214,12 @@ class Batcher:
                     ag_received.append(at)
                 elif isinstance(ev, Book):
                     symbol = self.symbol(ev.pair)
-                    if symbol is None:
-                        other += 1
-                    else:
+                    if symbol is not None:
                         books.append((symbol, ev))
+                    elif ev.pair in self._invalid:
+                        self.decoder.reject("a pair that names no symbol", [ev])
+                    else:
+                        other += 1
         trades, n = self._trades(tr, list(compress(received, is_trade)))
         other += n
         quotes, n = self._quotes(qu, list(compress(received, is_quote)))
@@ -161,25 +228,52 @@ class Batcher:
         other += n
         return Batch(trades, quotes, aggregates, books, frames[-1].received, other)
 
-    def _keep(self, events: list[_E], received: list[int]) -> tuple[list[_E], list[str], list[int]]:
-        """The events of watched symbols, their symbols and receipt times."""
+    def _keep(
+        self, events: list[_E], received: list[int]
+    ) -> tuple[list[_E], list[str], list[int], int]:
+        """The events of watched symbols, their symbols and receipt times, and how many events
+        of other symbols were dropped; events whose pair names no symbol are rejected."""
         lookup = self._symbols.get
         symbols = [lookup(e.pair, "") for e in events]
         if "" in symbols:  # a pair seen for the first time
             symbols = [self.symbol(e.pair) for e in events]
         if None not in symbols:
-            return events, symbols, received  # type: ignore[return-value]
+            return events, symbols, received, 0  # type: ignore[return-value]
         keep = [s is not None for s in symbols]
+        kept = list(compress(events, keep))
+        dropped = len(events) - len(kept)
+        if self._invalid:
+            invalid = self._invalid
+            bad = [e for e in compress(events, map(not_, keep)) if e.pair in invalid]
+            if bad:
+                self.decoder.reject("a pair that names no symbol", bad)
+                dropped -= len(bad)
         return (
-            list(compress(events, keep)),
+            kept,
             list(compress(symbols, keep)),  # type: ignore[arg-type]
             list(compress(received, keep)),
+            dropped,
         )
+
+    def _checked(
+        self,
+        frame: pl.DataFrame,
+        events: Sequence[Trade | Quote],
+        ranges: _Ranges,
+        notional: bool = False,
+    ) -> pl.DataFrame:
+        """`frame` without the rows (made from `events`) that break `ranges` (or, with
+        `notional`, the bound of price × size), which are rejected."""
+        if not frame.height or _in_range(frame, ranges, notional):
+            return frame
+        bad, why = _out_of_range(frame, ranges, notional)
+        self.decoder.reject(why, [events[i] for i in bad.arg_true()])
+        return frame.filter(~bad)
 
     def _trades(self, tr: list[Trade], received: list[int]) -> tuple[pl.DataFrame, int]:
         if not tr:
             return _NO_TRADES, 0
-        kept, symbols, received = self._keep(tr, received)
+        kept, symbols, received, dropped = self._keep(tr, received)
         conditions = [t.conditions for t in kept]
         frame = _frame(
             TRADE,
@@ -194,12 +288,12 @@ class Batcher:
                 "received": received,
             },
         )
-        return frame, len(tr) - len(kept)
+        return self._checked(frame, kept, _TRADE_RANGES, notional=True), dropped
 
     def _quotes(self, qu: list[Quote], received: list[int]) -> tuple[pl.DataFrame, int]:
         if not qu:
             return _NO_QUOTES, 0
-        kept, symbols, received = self._keep(qu, received)
+        kept, symbols, received, dropped = self._keep(qu, received)
         frame = _frame(
             QUOTE,
             {
@@ -213,12 +307,12 @@ class Batcher:
                 "received": received,
             },
         )
-        return frame, len(qu) - len(kept)
+        return self._checked(frame, kept, _QUOTE_RANGES), dropped
 
     def _aggregates(self, ag: list[Aggregate], received: list[int]) -> tuple[pl.DataFrame, int]:
         if not ag:
             return _NO_AGGREGATES, 0
-        kept, symbols, received = self._keep(ag, received)
+        kept, symbols, received, dropped = self._keep(ag, received)
         frame = _frame(
             AGGREGATE,
             {
@@ -236,4 +330,4 @@ class Batcher:
                 "received": received,
             },
         )
-        return frame, len(ag) - len(kept)
+        return frame, dropped

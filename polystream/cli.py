@@ -4,6 +4,7 @@ as `PolystreamError` and leave here as one sentence and an exit code (DESIGN §1
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 import traceback
@@ -84,11 +85,11 @@ SeedOption = Annotated[int, typer.Option(help="Seed of the demo feed.")]
 
 
 def _run(options: RunOptions) -> None:
-    """Run, and make an interrupted run exit 130."""
+    """Run, and make a run stopped by a signal exit 128 + its number (130 for Ctrl-C)."""
     settings = _settings()
     result = app_run(options, settings)
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (result.signal or signal.SIGINT))
 
 
 @app.command()

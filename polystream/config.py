@@ -6,12 +6,13 @@ Secrets are never shown whole: `redact` and `Redactor` turn them into `abc…xyz
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import msgspec
 from dotenv import dotenv_values
@@ -112,28 +113,99 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def _netloc(url: str) -> tuple[str, str]:
+    """`(scheme, netloc)` of `scheme://netloc/…`, the netloc ending where `urlsplit` ends it, but
+    without ever raising (empty strings when there is no `://`)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", ""
+    return scheme, re.split(r"[/?#]", rest, maxsplit=1)[0]
+
+
 def display_url(url: str) -> str:
-    """A URL safe to print: any password it carries is replaced by `…`."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A URL safe to print: any password it carries is replaced by `…` (malformed URLs too)."""
+    scheme, netloc = _netloc(url)
+    userinfo, _, hostport = netloc.rpartition("@")
+    if ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:…@{host}"))
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:…@{hostport}{url[len(scheme) + 3 + len(netloc) :]}"
 
 
-def check_url(name: str, value: str, schemes: tuple[str, ...]) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in schemes or not parts.hostname:
+def _host_and_port(name: str, item: str, example: str) -> None:
+    """Raise `ConfigError` unless `item` is `host`, `host:port` or `[IPv6]:port`."""
+    if "[" in item or "]" in item:
+        if item.count("[") != item.count("]"):
+            raise ConfigError(
+                f"{name} has an unbalanced [ or ] around its IPv6 address: "
+                "write the address like [::1]."
+            )
+        bracketed = re.fullmatch(r"\[([^\[\]]*)\](?::(.*))?", item)
+        if bracketed is None:
+            raise ConfigError(
+                f"{name} has a [ ] that does not enclose just an IPv6 address: "
+                "write the address like [::1]."
+            )
+        host, port = bracketed.group(1), bracketed.group(2) or ""
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ConfigError(f"{name} has no valid IPv6 address between its brackets.") from None
+    elif item.count(":") > 1:
         raise ConfigError(
-            f"Invalid URL {display_url(value)!r} for {name}: "
-            f"expected {' or '.join(s + '://' for s in schemes)} followed by a host."
+            f"{name} has an IPv6 address without brackets: write the address like [::1]."
         )
+    else:
+        host, _, port = item.partition(":")
+    if not host:
+        raise ConfigError(f"{name} has no host: write it like {example}.")
+    if port and not re.fullmatch(r"[0-9]+", port):
+        raise ConfigError(f"{name} has a port that is not a number: use one from 1 to 65535.")
+    if port and not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name} has a port outside 1 to 65535.")
+
+
+def check_url(
+    name: str,
+    value: str,
+    schemes: tuple[str, ...],
+    *,
+    credentials: bool = False,
+    example: str | None = None,
+) -> str:
+    """`value` (without a trailing `/`) when it is a URL with one of `schemes`, a host and a port
+    in 1–65535, and user name and password only where `credentials` allows them; otherwise a
+    `ConfigError` naming `name`. The value is never echoed: in a malformed URL a password can sit
+    in any part, so no part of it is known to be safe to show."""
+    example = example or f"{schemes[-1]}://host:port/path"
+    scheme, netloc = _netloc(value)
+    _, at, hostport = netloc.rpartition("@")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        raise ConfigError(f"{name} is not a URL: write it like {example}.")
+    if scheme.lower() not in schemes:
+        raise ConfigError(
+            f"{name} must start with {' or '.join(s + '://' for s in schemes)}, "
+            f"not {scheme.lower()}://: write it like {example}."
+        )
+    if at and not credentials:
+        raise ConfigError(
+            f"A user name or password is not allowed in {name}: remove the part up to the @."
+        )
+    for item in hostport.split(","):  # libpq's host1,host2:port lists
+        _host_and_port(name, item, example)
     try:
-        parts.port  # noqa: B018  (raises on a malformed port)
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (what later code does with the URL must not raise either)
     except ValueError:
-        raise ConfigError(f"Invalid port in {display_url(value)!r} for {name}.") from None
+        if "," in hostport:
+            raise ConfigError(
+                f"{name} gives a port to a host other than the last, which polystream cannot "
+                "read: give a port to the last host only."
+            ) from None
+        raise ConfigError(
+            f"{name} cannot be read as a URL: percent-encode any [ ] @ / ? # or : "
+            "in its user name or password."
+        ) from None
     return value.rstrip("/") if parts.path in ("", "/") else value
 
 
@@ -203,7 +275,13 @@ def load_settings(
     api_key = merged.get("POLYGON_API_KEY") or merged.get("MASSIVE_API_KEY")
     database_url = merged.get("DATABASE_URL")
     if database_url:
-        check_url("DATABASE_URL", database_url, ("postgresql", "postgres"))
+        check_url(
+            "DATABASE_URL",
+            database_url,
+            ("postgresql", "postgres"),
+            credentials=True,
+            example="postgresql://user:password@host:5432/database",
+        )
     chat_ids = tuple(c.strip() for c in merged.get("TELEGRAM_CHAT_ID", "").split(",") if c.strip())
     bad_chat = [c for c in chat_ids if not re.fullmatch(r"-?\d+|@\w{4,}", c)]
     if bad_chat:
@@ -215,10 +293,16 @@ def load_settings(
     return Settings(
         api_key=api_key,
         ws_url=check_url(
-            "POLYGON_WS_URL", merged.get("POLYGON_WS_URL", DEFAULT_WS_URL), ("ws", "wss")
+            "POLYGON_WS_URL",
+            merged.get("POLYGON_WS_URL", DEFAULT_WS_URL),
+            ("ws", "wss"),
+            example=DEFAULT_WS_URL,
         ),
         rest_url=check_url(
-            "POLYGON_REST_URL", merged.get("POLYGON_REST_URL", DEFAULT_REST_URL), ("http", "https")
+            "POLYGON_REST_URL",
+            merged.get("POLYGON_REST_URL", DEFAULT_REST_URL),
+            ("http", "https"),
+            example=DEFAULT_REST_URL,
         ),
         database_url=database_url,
         telegram_bot_token=merged.get("TELEGRAM_BOT_TOKEN"),
@@ -227,6 +311,7 @@ def load_settings(
             "TELEGRAM_API_URL",
             merged.get("TELEGRAM_API_URL", DEFAULT_TELEGRAM_API_URL),
             ("http", "https"),
+            example=DEFAULT_TELEGRAM_API_URL,
         ),
         filters_dir=Path(merged.get("POLYSTREAM_FILTERS_DIR", str(defaults.filters_dir))),
         state_dir=Path(merged.get("POLYSTREAM_STATE_DIR", str(defaults.state_dir))),

@@ -2,12 +2,14 @@
 
 One decoder per process, built once. A frame decodes in one pass; only when that fails is it taken
 apart element by element, so one bad element costs that element alone. Nothing raised by input
-escapes: rejects are counted and the first few are logged.
+escapes: rejects are counted and the first few are logged. What only shows once events are columns
+(a trade's range, a pair that names no symbol) is rejected by `batch` through `reject`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import msgspec
 
@@ -89,13 +91,22 @@ class Decoder:
                     self._log("rejected event", exc, part)
         return events
 
+    def reject(self, reason: str, events: Sequence[object]) -> None:
+        """Count `events`, decoded (and counted) already, as rejected after all; the first few
+        rejects are logged with `reason`."""
+        stats = self.stats
+        stats.events -= len(events)
+        stats.rejected_events += len(events)
+        for event in events[: max(0, MAX_LOGGED_REJECTS - self._logged)]:
+            self._log("rejected event", reason, msgspec.json.encode(event))
+
     def _is_unknown_type(self, part: msgspec.Raw) -> bool:
         try:
             return self._tag.decode(part).ev not in EVENT_TYPES
         except msgspec.DecodeError:
             return False
 
-    def _log(self, what: str, exc: Exception, data: bytes | str | msgspec.Raw) -> None:
+    def _log(self, what: str, exc: object, data: bytes | str | msgspec.Raw) -> None:
         if self._logged >= MAX_LOGGED_REJECTS:
             return
         self._logged += 1

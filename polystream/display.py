@@ -45,6 +45,10 @@ _NOTICE_STYLE = {
     "reconnecting": "yellow",
     "slow_consumer": "yellow",
     "gap": "magenta",
+    "ahead": "yellow",
+    "store_down": "bold red",
+    "store_up": "green",
+    "store_pending": "yellow",
     "filter_error": "bold red",
     "filter_waiting": "yellow",
     "filter_added": "cyan",
@@ -190,8 +194,9 @@ def _summary(feed: FeedState) -> str:
     summary = (
         f"{f.events:,} events in {f.frames:,} frames; {f.rejected} rejected, "
         f"{f.malformed_frames} malformed frames; {f.reconnects} reconnects; {f.gaps} gaps; "
-        f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late; "
-        f"{f.alerts} alerts from {f.filters} filters"
+        f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late"
+        + (f", {f.ahead} ahead of the feed's clock" if f.ahead else "")
+        + f"; {f.alerts} alerts from {f.filters} filters"
     )
     if f.sinks:
         summary += "; " + ", ".join(f"{k} {v:,}" for k, v in f.sinks.items())
@@ -495,7 +500,8 @@ class Dashboard(BaseSink):
             f"  reconnects {f.reconnects}  lag {f.lag_ms} ms  queue {f.queue_depth}/{f.queue_size}"
             f"  events {f.events:,}  rejected {f.rejected + f.malformed_frames}  gaps {f.gaps}"
             f"  bars {f.bars:,}  revised {f.revised}  late {f.too_late}"
-            f"  filters {f.filters}  alerts {f.alerts:,}"
+            + (f"  ahead {f.ahead}" if f.ahead else "")
+            + f"  filters {f.filters}  alerts {f.alerts:,}"
         )
         if f.sinks:
             text.append("  " + "  ".join(f"{k} {v:,}" for k, v in f.sinks.items()))

@@ -3,9 +3,12 @@ worker `polystream-telegram` sends them, deleting a row only once Telegram accep
 
 The outbox is a SQLite file in the state directory, so what is undelivered at `stop` goes out
 with the next run, once per chat. Sending keeps within Telegram's rate limits; a backlog for one
-chat is coalesced into a digest; texts over 4096 characters are split at line boundaries.
-Refusals (bad token, blocked bot, unknown chat) are reported once each in `problems`. The bot
-token never appears in a log line, an error or a repr.
+chat is coalesced into a digest, sent in parts of at most `PART_ALERTS` alerts; texts over 4096
+characters are split at line boundaries. One request is in flight at a time and each accepted
+part is recorded before the next is sent, so a crash can deliver at most one part twice; a clean
+stop none (only a request answered after its timeout is sent again). Refusals (bad token,
+blocked bot, unknown chat) are reported once each in `problems`. The bot token never appears in
+a log line, an error or a repr.
 """
 
 from __future__ import annotations
@@ -36,12 +39,16 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT = 4096
 OUTBOX_FILE = "telegram-outbox.sqlite3"
-# One digest covers at most this many alerts, so that a huge backlog still moves in steps whose
-# progress is saved, rather than as one message split into dozens of parts.
+# One digest covers at most this many alerts, sent PART_ALERTS to a message.
 DIGEST_MAX = 100
+# One message carries at most this many alerts. What a crash, or an answer that never came, can
+# deliver twice is one message, so it is kept small: ten lines fit one phone screen, and at one
+# message a second per chat a backlog still moves at 10 alerts a second (200 a minute in a group).
+PART_ALERTS = 10
 # urllib3 logs request lines (which carry the token in the path) at DEBUG from these loggers.
 _URLLIB3_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry")
-_SCHEMA_VERSION = 1
+# 2: a digest's parts hold at most PART_ALERTS alerts (1 cut it only at MAX_TEXT).
+_SCHEMA_VERSION = 2
 _ATOM = re.compile(r"<[^<>]*>|&(?:#\d+|#[xX][0-9a-fA-F]+|\w+);|.", re.S)
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 
@@ -85,6 +92,23 @@ def format_digest(alerts: Sequence[Alert]) -> str:
         message = " ".join(escape(a.message).splitlines())
         lines.append(f"<b>{escape(a.severity.upper())}</b> {_where(a)}: {message}")
     return "\n".join(lines)
+
+
+def split_digest(
+    alerts: Sequence[Alert], per_part: int = PART_ALERTS, limit: int = MAX_TEXT
+) -> list[str]:
+    """`format_digest(alerts)` cut into parts that hold at most `per_part` alerts (the first one
+    also the count) and `limit` characters; their concatenation is the digest's text."""
+    lines = _LINE.findall(format_digest(alerts))  # one alert at most per line
+    first = 1 + per_part
+    chunks = [lines[:first]] + [lines[i : i + per_part] for i in range(first, len(lines), per_part)]
+    return [part for chunk in chunks for part in split_message("".join(chunk), limit)]
+
+
+def message_parts(alerts: Sequence[Alert], digest: bool) -> list[str]:
+    """The messages that deliver `alerts`: one alert's text, or a digest, in parts."""
+    parts = split_digest(alerts) if digest else split_message(format_alert(alerts[0]))
+    return [p for p in parts if p.strip()]
 
 
 def _units(text: str) -> int:
@@ -176,7 +200,8 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
     Its inbox is the outbox in `state_dir`, not memory: `offer` stores each alert there before it
     returns, so it never blocks on the network and never drops, however much is pending. `stop`
     delivers what is pending until the outbox is empty or the timeout passes; what is left is
-    delivered by the next notifier on the same `state_dir`.
+    delivered by the next notifier on the same `state_dir`. A request is never cut short: one
+    that times out may have been delivered, and is sent again.
     """
 
     def __init__(
@@ -225,6 +250,8 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         self._hold_until = 0.0
         self._backoff = Backoff(backoff_initial, backoff_max)
         self._failing = False
+        self._latency = 0.0  # seconds the last request took
+        self._out_of_time = False  # stopping: no request could be answered before the deadline
 
         self._lock = threading.Lock()
         self._abort = False
@@ -269,8 +296,17 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                 CREATE INDEX IF NOT EXISTS outbox_chat ON outbox (chat, id);
                 """
             )
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        except (OSError, sqlite3.Error) as exc:
+            if version < _SCHEMA_VERSION:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    if version == 1:
+                        _recount_digest_parts(db)
+                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        except (OSError, sqlite3.Error, msgspec.DecodeError) as exc:
             raise NotifyError(
                 f"Cannot open the Telegram outbox {path} ({exc}): "
                 "check that POLYSTREAM_STATE_DIR is a writable directory."
@@ -335,18 +371,24 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             self._stats.failed += len(encoded) * (len(self.chat_ids) - len(live))
         self.wake()
 
-    def stop(self, timeout: float | None = 10.0) -> None:
+    def stop(self, timeout: float | None = 10.0, *, in_flight: float | None = None) -> None:
         """Deliver what is pending for up to `timeout` seconds, then stop the worker; whatever is
         undelivered stays in the outbox. None: deliver everything, without waiting here (the
-        outbox stays open)."""
+        outbox stays open).
+
+        A request is started only while the last one's round trip fits in the time left, and one
+        in flight at the deadline is given its full request timeout: Telegram may accept it to
+        the last moment, and a row kept for a resend would then be delivered twice. So this can
+        take up to `timeout` plus the request timeout (twice that if connecting is slow too),
+        unless `in_flight` gives a shorter wait for that request (it may then be sent again)."""
         super().stop(None if timeout is None else max(0.0, timeout))
         if timeout is None and self.alive:
             return
         if self.alive:
             self._abort = True
             self.wake()
-            # A request in flight was given at most the time left, so this wait is short.
-            self.join(1.0)
+            # connecting and reading each have `timeout`
+            self.join(2 * self.timeout + 1.0 if in_flight is None else in_flight)
         if self.alive:
             # Its request may still be logged by urllib3: the token filter stays on.
             log.warning("The Telegram notifier did not stop in time; its outbox stays open.")
@@ -381,7 +423,7 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             self.fatal = NotifyError(sentence)
 
     def _done(self) -> bool:
-        if self._abort:
+        if self._abort or self._out_of_time:
             return True
         return self.stopping and (self._halted or self._stats.pending == 0)
 
@@ -407,6 +449,10 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             ready = max(ready, self._window[0] + 1.0)
         chat = min(heads, key=lambda c: (max(self._chat_next.get(c, 0.0), ready), heads[c]))
         due = max(self._chat_next.get(chat, 0.0), ready)
+        if self.stopping and max(due, now) + self._latency >= self.deadline:
+            # Once started, a request is waited for to its full timeout (see `stop`).
+            self._out_of_time = True
+            return None
         if due > now:
             return due - now
         self._send(self._job(chat))
@@ -447,8 +493,7 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                     rows = rows[:1]
         alerts = [msgspec.json.decode(r[1], type=Alert) for r in rows]
         digest = len(rows) > 1 or head[1] is not None
-        text = format_digest(alerts) if digest else format_alert(alerts[0])
-        parts = [p for p in split_message(text) if p.strip()]
+        parts = message_parts(alerts, digest)
         # Clamped in case an older version split the same text into more parts.
         job = _Job(chat, [r[0] for r in rows], parts, min(head[2], len(parts) - 1), digest)
         self._jobs[chat] = job
@@ -461,23 +506,30 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
 
     def _send(self, job: _Job) -> None:
         chat = job.chat
-        timeout = self.timeout
-        if self.stopping:
-            # A request must not outlive stop()'s deadline by much.
-            timeout = min(timeout, max(0.2, self.left()))
         payload = {
             "chat_id": chat,
             "text": job.parts[job.sent],
             "parse_mode": "HTML",
             "disable_web_page_preview": True,
         }
+        started = time.monotonic()
         try:
-            response = self._session.post(self._url, json=payload, timeout=timeout)
+            response = self._session.post(self._url, json=payload, timeout=self.timeout)
         except requests.RequestException as exc:
-            self._window.append(time.monotonic())
-            self._transient(f"could not reach Telegram ({type(exc).__name__}: {exc})")
+            done = time.monotonic()
+            self._latency = done - started
+            self._window.append(done)
+            if isinstance(exc, requests.ReadTimeout):
+                # The only way a clean run delivers a message twice: its outcome is unknown.
+                self._transient(
+                    f"Telegram did not answer within {self.timeout:g} s (the message may have "
+                    "been delivered, and is sent again)"
+                )
+            else:
+                self._transient(f"could not reach Telegram ({type(exc).__name__}: {exc})")
             return
         done = time.monotonic()
+        self._latency = done - started
         self._window.append(done)
         status = response.status_code
         body = _json(response)
@@ -586,6 +638,30 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         sentence = self._redact(sentence)
         self.problems.append(sentence)
         log.error("%s", sentence)
+
+
+def _recount_digest_parts(db: sqlite3.Connection) -> None:
+    """Turn version 1's `parts_sent` of each digest under way (parts cut only at MAX_TEXT) into
+    a count of today's parts that were delivered whole: nothing undelivered is skipped, and what
+    goes out again is less than one part."""
+    started = db.execute(
+        "SELECT digest, MAX(parts_sent) FROM outbox "
+        "WHERE digest IS NOT NULL AND parts_sent > 0 GROUP BY digest"
+    ).fetchall()
+    for digest, sent in started:
+        rows = db.execute(
+            "SELECT alert FROM outbox WHERE digest = ? ORDER BY id", (digest,)
+        ).fetchall()
+        alerts = [msgspec.json.decode(r[0], type=Alert) for r in rows]
+        old = [p for p in split_message(format_digest(alerts)) if p.strip()]
+        delivered = sum(len(p) for p in old[:sent])
+        whole = end = 0
+        for part in message_parts(alerts, True):
+            end += len(part)
+            if end > delivered:
+                break
+            whole += 1
+        db.execute("UPDATE outbox SET parts_sent = ? WHERE digest = ?", (whole, digest))
 
 
 def _json(response: requests.Response) -> dict[str, Any]:

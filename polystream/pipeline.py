@@ -5,7 +5,10 @@ units (filter reload, gap repair) and ticks the sinks.
 Natural batching: a pass starts as soon as one item is waiting and takes whatever else is waiting
 then, so under light load each frame is handled at once and under heavy load passes grow by
 themselves; `max_bytes` and `max_age` only bound them. The first Ctrl-C asks the loop to stop
-between passes (a second one interrupts at once); the CLI makes an interrupted run exit 130.
+between passes, and so do SIGTERM and SIGHUP (what service managers send): the run drains in
+order (partial bars, gaps, every sink flushed). A second signal cuts the drain short: the workers
+keep what they hold on disk (journal, outbox) and the run ends at once. The CLI exits 128 + the
+signal's number (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -58,11 +61,16 @@ class Unit(Protocol):
     def close(self, now_ms: int) -> Sequence[Output]: ...
 
 
+# Signals that ask a run to stop in order, like Ctrl-C.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class RunResult(msgspec.Struct):
-    """How a run ended."""
+    """How a run ended: `signal` is the number of the signal that stopped it, if one did."""
 
     interrupted: bool
     view: View
+    signal: int | None = None
 
 
 class Pipeline:
@@ -102,6 +110,8 @@ class Pipeline:
         self._lag = 0
         self._ended = False
         self._interrupted = False
+        self._signal: int | None = None
+        self._hurry = False  # a second signal: close at once, keeping what is unsent on disk
         self._error: PolystreamError | None = None
 
     def add(self, sink: Sink) -> None:
@@ -124,7 +134,7 @@ class Pipeline:
         stop_at = float("inf") if duration is None else time.monotonic() + duration
         # What exists now lives as long as the run: keep full collections from rescanning it.
         gc.freeze()
-        previous = self._catch_ctrl_c()
+        previous = self._catch_signals()
         self.source.start()
         next_tick = time.monotonic()
         try:
@@ -142,14 +152,17 @@ class Pipeline:
                     next_tick = time.monotonic() + self._tick_every
         except KeyboardInterrupt:
             self._interrupted = True
+            self._signal = self._signal or signal.SIGINT
         finally:
-            self._shutdown()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            try:
+                self._shutdown()
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
         error = self._error or self.sinks.error
         if error is not None:
             raise error
-        return RunResult(self._interrupted, self.view())
+        return RunResult(self._interrupted, self.view(), self._signal)
 
     def _take(self, timeout: float) -> list[Item]:
         """What the source has waiting (the first item within `timeout`), as one pass."""
@@ -208,14 +221,14 @@ class Pipeline:
     def _shutdown(self) -> None:
         self.source.stop()
         drain_until = time.monotonic() + self._drain_timeout
-        while not self._ended and time.monotonic() < drain_until:
-            try:
+        try:
+            while not (self._ended or self._hurry) and time.monotonic() < drain_until:
                 self._pass(self._take(0.1))
-            except KeyboardInterrupt:
-                break
-        self.source.join(timeout=max(0.0, drain_until - time.monotonic()))
-        for out in self.stages.partial() if self.live else self.stages.flush():
-            self.sinks.write(out)
+            self.source.join(timeout=max(0.0, drain_until - time.monotonic()))
+            for out in self.stages.partial() if self.live else self.stages.flush():
+                self.sinks.write(out)
+        except KeyboardInterrupt:
+            self._hurry = True
         self.stages.close()
         now = self.now_ms()
         for unit in self.units:
@@ -227,17 +240,24 @@ class Pipeline:
         self._news()
         self.sinks.close(self.view)
 
-    def _catch_ctrl_c(self) -> Any:
-        """On the main thread, make the first Ctrl-C a request to stop (checked between
-        passes) rather than an exception that could land inside a polars call."""
+    def _catch_signals(self) -> dict[int, Any]:
+        """On the main thread, make the first stop signal a request to stop (checked between
+        passes) rather than an exception that could land inside a polars call; the second
+        interrupts what runs and cuts the drain short. Returns the handlers it replaced."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
-        def on_sigint(signum: int, frame: object) -> None:
+        def again(signum: int, frame: object) -> None:
+            self._hurry = True
+            raise KeyboardInterrupt
+
+        def first(signum: int, frame: object) -> None:
             self._interrupted = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._signal = signum
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, again)
 
-        return signal.signal(signal.SIGINT, on_sigint)
+        return {sig: signal.signal(sig, first) for sig in STOP_SIGNALS}
 
     # -- what the sinks see ------------------------------------------------------------------
 
@@ -261,6 +281,7 @@ class Pipeline:
             bars=bars.final,
             revised=bars.revised,
             too_late=bars.too_late,
+            ahead=bars.ahead,
             drift=st.drift.summary() if st.drift is not None else "",
             filters=len(filters.filters) if filters is not None else 0,
             alerts=sum(filters.fired.values()) if filters is not None else 0,
@@ -273,4 +294,5 @@ class Pipeline:
             tuple(timeframe_name(tf) for tf in options.timeframes),
             options.params.warmup,
             feed,
+            hurry=self._hurry,
         )

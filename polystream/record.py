@@ -17,12 +17,14 @@ from typing import IO
 import zstandard
 
 from .errors import PolystreamError, RecordingError
+from .events import MAX_TIME
 from .schema import Gap, Notice
 from .source import EndOfStream, Frame, Frames, Item
 
 log = logging.getLogger(__name__)
 
 MAX_LOGGED_BAD_LINES = 5
+_STAMP_DIGITS = len(str(MAX_TIME))
 
 
 def _open(path: Path, mode: str) -> IO[bytes]:
@@ -79,9 +81,14 @@ def read_recording(path: Path) -> Iterator[Frame]:
             for number, line in enumerate(lines, 1):
                 stamp, tab, data = line.rstrip(b"\r\n").partition(b"\t")
                 if tab and stamp.isdigit() and data:
-                    yield Frame(int(stamp), data)
-                    continue
-                if number == 1:
+                    # Out of range, the stamp makes a damaged line, even the first (the file is
+                    # a recording); its length is checked first, as int() of thousands of
+                    # digits raises.
+                    received = int(stamp) if len(stamp) <= _STAMP_DIGITS else MAX_TIME + 1
+                    if received <= MAX_TIME:
+                        yield Frame(received, data)
+                        continue
+                elif number == 1:
                     raise RecordingError(
                         f"{path} is not a polystream recording: line 1 should be "
                         "a time in epoch milliseconds, a tab, then the frame."
@@ -105,8 +112,15 @@ class ReplaySource:
     """
 
     def __init__(self, path: Path, *, speed: float | None = None) -> None:
-        if not path.is_file():
+        if path.is_dir():
+            raise RecordingError(
+                f"{path} is a directory, not a recording: give the path of a recording file "
+                "(one that --record wrote)."
+            )
+        if not path.exists():
             raise RecordingError(f"The recording {path} does not exist.")
+        if not path.is_file():
+            raise RecordingError(f"{path} is not a regular file, so it cannot be a recording.")
         self.path = path
         self.speed = speed
         self.state = "idle"

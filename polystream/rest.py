@@ -160,7 +160,7 @@ class RestClient:
             raise RestError("No API key for the REST API: set POLYGON_API_KEY or MASSIVE_API_KEY.")
         if per_minute < 0:
             raise RestError(f"The request limit must be 0 (unlimited) or more, not {per_minute}.")
-        self.base_url = check_url("--rest-url", base_url, ("http", "https")).rstrip("/")
+        self.base_url = check_url("POLYGON_REST_URL", base_url, ("http", "https")).rstrip("/")
         self._key = api_key
         self._redact = Redactor([api_key])
         self.session = session or requests.Session()
@@ -341,12 +341,12 @@ class RestClient:
         if code == 404:
             raise UnknownTicker(
                 f"The REST API does not know the ticker {ticker} (HTTP 404): "
-                "check the symbol and --rest-url."
+                "check the symbol and POLYGON_REST_URL."
             )
         if code == 200 and not body:
             raise RestError(
                 f"The REST API at {self.base_url} sent a response that is not a JSON object "
-                f"while fetching {what}: check --rest-url."
+                f"while fetching {what}: check POLYGON_REST_URL."
             )
         if code != 200 or status == "ERROR":
             said = f" ({message})" if message else ""

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
+# Seconds a worker gets to close after a second stop signal: what it has not delivered by then
+# stays on disk (the journal, the outbox) for the next run.
+HURRY = 1.0
 
 
 class Output(msgspec.Struct):
@@ -72,6 +75,7 @@ class FeedState(msgspec.Struct):
     bars: int = 0
     revised: int = 0
     too_late: int = 0
+    ahead: int = 0
     drift: str = ""
     filters: int = 0
     alerts: int = 0
@@ -87,6 +91,8 @@ class View(msgspec.Struct):
     timeframes: tuple[str, ...]  # the first is the run's main timeframe
     warmup: int  # bars an indicator needs before every value is there
     feed: FeedState
+    # asked twice to stop: close at once, keeping what is not delivered on disk
+    hurry: bool = False
 
 
 class Sink(Protocol):
@@ -155,7 +161,10 @@ class Sinks:
         show the end); what a closing sink reports reaches the ones still open."""
         while self._sinks:
             sink = self._sinks.pop()
-            notices = self._call(sink, sink.close, view()) or ()
+            try:
+                notices = self._call(sink, sink.close, view()) or ()
+            except KeyboardInterrupt:  # a second stop signal: close again, now in a hurry
+                notices = self._call(sink, sink.close, view()) or ()
             if notices:
                 self.write(Output(notices=notices))
 
@@ -198,9 +207,12 @@ class StoreSink(BaseSink):
 
     name = "database"
 
-    def __init__(self, store: Store, timeout: float = 15.0) -> None:
+    def __init__(self, store: Store, timeout: float = 15.0, *, down: str | None = None) -> None:
+        """`down`: why the database could not be reached as the run started."""
         self.store = store
         self.timeout = timeout
+        self._up: bool | None = None  # as last reported: None before the first connection
+        self._down = down
 
     def write(self, out: Output) -> None:
         self.store.start()  # on first use: a run that never starts leaves no thread behind
@@ -221,13 +233,42 @@ class StoreSink(BaseSink):
         self.store.start()
         if self.store.fatal is not None:
             raise self.store.fatal
-        return ()
+        return self._changes(view.now_ms)
 
     def close(self, view: View) -> Sequence[Notice]:
-        self.store.stop(self.timeout)
+        self.store.stop(min(self.timeout, HURRY) if view.hurry else self.timeout)
         if self.store.fatal is not None:
             raise self.store.fatal
-        return ()
+        stats = self.store.stats
+        if not stats.journal_rows:
+            return ()
+        return [
+            Notice(
+                "store_pending",
+                view.now_ms,
+                f"{stats.journal_rows:,} rows wait in the journal in {self.store.journal.dir}; "
+                "the next run with --store writes them once the database takes them",
+            )
+        ]
+
+    def _changes(self, now_ms: int) -> list[Notice]:
+        """`store_down` when the writer loses the database (or cannot reach it), `store_up`
+        when it writes again."""
+        stats = self.store.stats
+        if stats.connected and self._up is not True:
+            was_down, self._up = self._up is False, True
+            if was_down:
+                detail = f"writing to PostgreSQL at {self.store.where} again"
+                if stats.journal_rows:
+                    detail += f"; {stats.journal_rows:,} rows in the journal go in first"
+                return [Notice("store_up", now_ms, detail)]
+        elif not stats.connected and self._up is not False and (self._down or stats.last_error):
+            self._up = False
+            reason = (self._down or stats.last_error or "").rstrip(".")
+            journal = self.store.journal.dir
+            detail = f"{reason}; rows wait in the journal in {journal} until it is back"
+            return [Notice("store_down", now_ms, detail)]
+        return []
 
     def counters(self) -> dict[str, int]:
         return self.store.counters()
@@ -257,7 +298,10 @@ class TelegramSink(BaseSink):
         return [Notice("error", view.now_ms, text) for text in problems]
 
     def close(self, view: View) -> Sequence[Notice]:
-        self.notifier.stop(self.timeout)
+        if view.hurry:  # a request in flight is not waited for: its alerts stay in the outbox
+            self.notifier.stop(0.0, in_flight=HURRY)
+        else:
+            self.notifier.stop(self.timeout)
         return self.tick(view)
 
     def counters(self) -> dict[str, int]:

@@ -52,7 +52,12 @@ Item: TypeAlias = Frame | Frames | Notice | EndOfStream
 
 
 class FeedOptions(msgspec.Struct, frozen=True):
-    """Timing and sizing of the feed client (seconds unless named otherwise)."""
+    """Timing and sizing of the feed client (seconds unless named otherwise).
+
+    A connection that kept delivering market data for `healthy_after` seconds resets the backoff,
+    so a feed that flaps after serving data is used again at once; one that dies before that
+    (or never delivers data) lets the backoff grow towards `backoff_max`.
+    """
 
     queue_size: int = 10_000
     connect_timeout: float = 10.0
@@ -62,17 +67,17 @@ class FeedOptions(msgspec.Struct, frozen=True):
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     max_connections_backoff: float = 60.0
-    healthy_after: float = 60.0
+    healthy_after: float = 2.0
     topics_per_message: int = 100
     poll_interval: float = 0.2
 
 
 class _Reconnect(Exception):
-    """Leave the current connection and reconnect after a backoff."""
+    """Leave the current connection and reconnect after `delay` seconds (None: the backoff's)."""
 
-    def __init__(self, reason: str, *, hard: bool = False) -> None:
+    def __init__(self, reason: str, *, delay: float | None = None) -> None:
         super().__init__(reason)
-        self.hard = hard
+        self.delay = delay
 
 
 class _Stopped(Exception):
@@ -167,6 +172,9 @@ class FeedClient(Worker[None]):
         self.acked_topics: set[str] = set()
         self.gaps: list[Gap] = []
         self._last_data_ms: int | None = None
+        self._outage_start: int | None = None
+        self._first_data: float | None = None  # monotonic time of this connection's first data
+        self._attempt = 0
 
     def take(self, timeout: float, max_bytes: int, max_age: float) -> list[Item]:
         """What the reader has put on the queue (see `take_waiting`); pipeline thread."""
@@ -199,39 +207,23 @@ class FeedClient(Worker[None]):
         self._emit(Notice(event, self._now_ms(), detail))
 
     def run(self) -> None:
-        attempt = 0
-        outage_start: int | None = None
         try:
             while not self.stopping:
-                healthy = False
-                hard = False
+                retry_at: float | None = None
                 try:
-                    healthy, outage_start = self._session(outage_start)
+                    self._session()
                 except _Reconnect as exc:
-                    hard = exc.hard
-                    self._notice("disconnected", str(exc))
+                    retry_at = self._disconnected(str(exc), exc.delay)
                 except AuthFailed as exc:
                     self.fatal = exc
                     self.state = "failed"
                     self._notice("error", str(exc))
                     return
                 except (websocket.WebSocketException, OSError) as exc:
-                    self._notice("disconnected", _describe(exc))
+                    retry_at = self._disconnected(_describe(exc))
                 finally:
                     self._close()
-                if self.stopping:
-                    break
-                if outage_start is None:
-                    outage_start = self._last_data_ms or self._now_ms()
-                if healthy:
-                    attempt = 0
-                    self._backoff.reset()
-                delay = (self._hard_backoff if hard else self._backoff).next()
-                attempt += 1
-                self.reconnects += 1
-                self.state = "backoff"
-                self._notice("reconnecting", f"in {delay:.1f} s (attempt {attempt})")
-                if self.sleep(delay):
+                if retry_at is None or self.sleep(max(0.0, retry_at - time.monotonic())):
                     break
         except _Stopped:
             pass
@@ -244,6 +236,26 @@ class FeedClient(Worker[None]):
             except queue.Full:
                 log.warning("feed queue stayed full at shutdown; end-of-stream not delivered")
 
+    def _disconnected(self, reason: str, delay: float | None = None) -> float:
+        """Announce a lost connection and the wait before the next one; returns when (monotonic)
+        that wait ends, counted from now so that closing the socket is part of it."""
+        now = time.monotonic()
+        self._notice("disconnected", reason)
+        if self.stopping:
+            return now
+        if self._first_data is not None and now - self._first_data >= self.options.healthy_after:
+            self._attempt = 0
+            self._backoff.reset()
+        if delay is None:
+            delay = self._backoff.next()
+        if self._outage_start is None:
+            self._outage_start = self._last_data_ms or self._now_ms()
+        self._attempt += 1
+        self.reconnects += 1
+        self.state = "backoff"
+        self._notice("reconnecting", f"in {delay:.1f} s (attempt {self._attempt})")
+        return now + delay
+
     def _close(self) -> None:
         ws, self._ws = self._ws, None
         if ws is not None:
@@ -251,10 +263,11 @@ class FeedClient(Worker[None]):
                 ws.close(timeout=1)
             ws.shutdown()  # type: ignore[no-untyped-call]
 
-    def _session(self, outage_start: int | None) -> tuple[bool, int | None]:
-        """One connection from connect to close. Returns (was healthy, open outage start)."""
+    def _session(self) -> None:
+        """One connection from connect to close; returns only when stopping."""
         o = self.options
         self.state = "connecting"
+        self._first_data = None
         ws = websocket.WebSocket(enable_multithread=False, skip_utf8_validation=True)
         self._ws = ws
         ws.settimeout(o.connect_timeout)
@@ -290,18 +303,14 @@ class FeedClient(Worker[None]):
         self._notice("subscribed", f"{len(self.topics)} topics")
 
         self.state = "streaming"
-        started = time.monotonic()
-        healthy = False
         last_frame = last_ping = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
-            if not healthy and now - started >= o.healthy_after:
-                healthy = True
             if now - last_ping >= o.ping_interval:
                 ws.ping()
                 last_ping = now
             if now - last_frame >= o.silence_timeout:
-                raise _Reconnect(f"no data for {o.silence_timeout:g} s", hard=False)
+                raise _Reconnect(f"no data for {o.silence_timeout:g} s")
             try:
                 opcode, data = ws.recv_data()
             except (TimeoutError, websocket.WebSocketTimeoutException):
@@ -315,12 +324,13 @@ class FeedClient(Worker[None]):
                 has_data = self._scan_statuses(data)
             if has_data:
                 # The gap is announced before the data that ends it, so consumers see it first.
-                if outage_start is not None:
-                    self._record_gap(outage_start, received)
-                    outage_start = None
+                if self._outage_start is not None:
+                    self._record_gap(self._outage_start, received)
+                    self._outage_start = None
+                if self._first_data is None:
+                    self._first_data = last_frame
                 self._last_data_ms = received
             self._emit(Frame(received, data))
-        return healthy, outage_start
 
     def _handshake_status(self, ws: websocket.WebSocket, deadline: float, what: str) -> Status:
         while time.monotonic() < deadline:
@@ -331,7 +341,9 @@ class FeedClient(Worker[None]):
             except (TimeoutError, websocket.WebSocketTimeoutException):
                 continue
             if opcode == websocket.ABNF.OPCODE_CLOSE:
-                raise _Reconnect(f"closed by the server while waiting for {what}")
+                raise _Reconnect(
+                    f"closed by the server{_close_reason(data)} while waiting for {what}"
+                )
             statuses = _statuses(data)
             if statuses:
                 for extra in statuses[1:]:
@@ -355,10 +367,11 @@ class FeedClient(Worker[None]):
         if kind == "success" and message.startswith("subscribed to:"):
             self.acked_topics.add(message.partition(":")[2].strip())
         elif kind == "max_connections":
+            delay = self._hard_backoff.next()
             raise _Reconnect(
                 "max_connections: another client is using this API key; backing off "
-                f"{self.options.max_connections_backoff:g} s so the two do not evict each other",
-                hard=True,
+                f"{delay:.1f} s so the two do not evict each other",
+                delay=delay,
             )
         elif kind in ("slow_consumer", "force_disconnect"):
             self._notice(kind, message)
@@ -386,13 +399,32 @@ def _statuses(data: bytes) -> list[Status]:
     return [Status(e.status, e.message) for e in elements if e.ev == "status"]
 
 
-def _close_reason(frame: object) -> str:
-    payload = getattr(frame, "data", b"")
-    if isinstance(payload, bytes) and len(payload) >= 2:
-        code = int.from_bytes(payload[:2], "big")
-        reason = payload[2:].decode("utf-8", "replace")
-        return f" (code {code}{': ' + reason if reason else ''})"
-    return ""
+_CLOSE_NAMES = {
+    1000: "normal closure",
+    1001: "going away",
+    1002: "protocol error",
+    1003: "unsupported data",
+    1007: "invalid payload data",
+    1008: "policy violation",
+    1009: "message too big",
+    1010: "mandatory extension",
+    1011: "internal error",
+    1012: "service restart",
+    1013: "try again later",
+    1014: "bad gateway",
+}
+
+
+def _close_reason(payload: bytes) -> str:
+    """The code and reason of a close frame's payload (what `recv_data` returns for it), as
+    ` (code 1008 policy violation: reason)`."""
+    if len(payload) < 2:
+        return " without a close code"
+    code = int.from_bytes(payload[:2], "big")
+    name = _CLOSE_NAMES.get(code)
+    # the reason is the server's text: one line, and no longer than a close frame allows
+    reason = " ".join(payload[2:125].decode("utf-8", "replace").split())
+    return f" (code {code}{' ' + name if name else ''}{': ' + reason if reason else ''})"
 
 
 def _describe(exc: BaseException) -> str:

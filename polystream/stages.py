@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, TypeAlias
 
@@ -34,6 +35,8 @@ BarSource: TypeAlias = Literal["trades", "polygon"]
 
 _NEVER = -(2**62)
 _PENDING_PIECES = 64
+# A feed that keeps sending trades stamped in the future is reported at most this often (s).
+AHEAD_EVERY = 10.0
 
 
 class _Job:
@@ -119,6 +122,8 @@ class Stages:
         self._received = _NEVER
         self._lead = _NEVER
         self._first_due = -_NEVER
+        self._ahead = 0  # trades ahead of the feed's clock already reported
+        self._ahead_said = -AHEAD_EVERY  # monotonic time of that report
 
     # -- a pass ------------------------------------------------------------------------------
 
@@ -244,7 +249,7 @@ class Stages:
         """Whether the engine could emit something: the watermark that the waiting trades (or,
         live, the clock) can bring reaches the next bar's end plus the lateness."""
         engine = self.engine
-        offset = max(engine.offset if engine.offset is not None else _NEVER, self._lead)
+        offset = max(engine.lead_bound(), self._lead)
         if offset == _NEVER:
             return False
         bound = max(engine.watermark, self._received + offset)
@@ -288,8 +293,22 @@ class Stages:
                     self.drift.bars(records)
                 alerts = self.filters.on_bars(records) if self.filters is not None else []
                 yield Output(bars=records, alerts=alerts)
+        ahead = self.engine.stats.ahead
+        if ahead > self._ahead and time.monotonic() - self._ahead_said >= AHEAD_EVERY:
+            yield Output(notices=[self._ahead_notice(ahead - self._ahead)])
+            self._ahead, self._ahead_said = ahead, time.monotonic()
         if self._bars.fatal is not None:
             raise self._bars.fatal
+
+    def _ahead_notice(self, count: int) -> Notice:
+        limit = self.options.max_ahead / 1000
+        trades = "trade" if count == 1 else "trades"
+        return Notice(
+            "ahead",
+            int(time.time() * 1000),
+            f"{count:,} {trades} stamped more than {limit:g} s ahead of the feed's clock "
+            "left out of the bars",
+        )
 
     def _wait(self, job: _Job) -> Iterator[Output]:
         """Everything up to and including `job`, once it is done."""

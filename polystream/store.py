@@ -119,6 +119,10 @@ def _reason(exc: BaseException, url: str) -> str:
     return line or type(exc).__name__
 
 
+class Unreachable(StoreError):
+    """The database cannot be reached now but may come back: rows can wait in the journal."""
+
+
 def _is_fatal(reason: str) -> bool:
     return any(r in reason for r in _FATAL_REASONS)
 
@@ -131,7 +135,8 @@ def connect_error(url: str, exc: BaseException) -> StoreError:
         hint = "; check the user and password in DATABASE_URL"
     elif "database" in reason and "does not exist" in reason:
         hint = "; create it or correct DATABASE_URL"
-    return StoreError(f"Cannot connect to PostgreSQL at {where(url)}: {reason}{hint}.")
+    text = f"Cannot connect to PostgreSQL at {where(url)}: {reason}{hint}."
+    return StoreError(text) if _is_fatal(reason) else Unreachable(text)
 
 
 # --- migrations ---------------------------------------------------------------------------------
@@ -507,10 +512,11 @@ class Journal:
             for path in directory.iterdir():
                 m = _JOURNAL_NAME.match(path.name)
                 if m and m.group(2) in _SPECS:
-                    files[_File(int(m.group(1)), m.group(2), path.name)] = path.stat().st_size
+                    file = _File(int(m.group(1)), m.group(2), path.name)
+                    files[file] = (path.stat().st_size, _rows_in(path))
         except OSError as exc:
             raise self._error(exc) from None
-        self._files: dict[_File, int] = files
+        self._files: dict[_File, tuple[int, int]] = files  # size in bytes, rows
         self._lock = threading.Lock()
 
     def _error(self, exc: OSError) -> StoreError:
@@ -542,7 +548,7 @@ class Journal:
                 tmp.unlink()
             raise self._error(exc) from None
         with self._lock:
-            self._files[_File(seq, table, name)] = size
+            self._files[_File(seq, table, name)] = (size, frame.height)
 
     def pending(self, below: int) -> list[_File]:
         """Files of offers numbered below `below`, oldest first."""
@@ -576,9 +582,20 @@ class Journal:
         with self._lock:
             self._files.pop(file, None)
 
-    def totals(self) -> tuple[int, int]:
+    def totals(self) -> tuple[int, int, int]:
+        """Files, bytes and rows waiting."""
         with self._lock:
-            return len(self._files), sum(self._files.values())
+            sizes = self._files.values()
+            return len(sizes), sum(s for s, _ in sizes), sum(r for _, r in sizes)
+
+
+def _rows_in(path: Path) -> int:
+    """The rows of a journal file, from its metadata (0 when it cannot be read: replaying it
+    sets it aside)."""
+    try:
+        return int(pl.scan_ipc(path).select(pl.len()).collect().item())
+    except Exception:  # polars reports a damaged file as OSError or as its own errors
+        return 0
 
 
 # --- the writer ---------------------------------------------------------------------------------
@@ -593,6 +610,7 @@ class StoreStats(msgspec.Struct):
     rows_by_table: dict[str, int] = msgspec.field(default_factory=dict)
     journal_files: int = 0
     journal_bytes: int = 0
+    journal_rows: int = 0
     connected: bool = False
     reconnects: int = 0
     last_error: str | None = None
@@ -703,8 +721,13 @@ class Store(Worker[_Item]):
             self._journal_items(self.drain())
 
     @property
+    def where(self) -> str:
+        """Host, port and database, without the password."""
+        return self._where
+
+    @property
     def stats(self) -> StoreStats:
-        files, size = self.journal.totals()
+        files, size, waiting = self.journal.totals()
         with self._stats_lock:
             rows = dict(self._rows)
             return StoreStats(
@@ -712,6 +735,7 @@ class Store(Worker[_Item]):
                 rows_by_table=rows,
                 journal_files=files,
                 journal_bytes=size,
+                journal_rows=waiting,
                 connected=self._conn is not None,
                 reconnects=self._reconnects,
                 last_error=self._last_error,

@@ -1,6 +1,7 @@
 """Symbol forms: the REST form `X:BTCUSD` users see, and the feed's pair `BTC-USD`.
 
-`normalize` accepts `X:BTCUSD`, `BTC-USD`, `btcusd`, `btc/usd`; `to_pair` and `from_pair` convert.
+`normalize` accepts `X:BTCUSD`, `BTC-USD`, `btcusd`, `btc/usd`; `to_pair` and `from_pair` convert;
+each raises `SymbolError` for anything else.
 """
 
 from __future__ import annotations
@@ -63,10 +64,6 @@ def to_pair(symbol: str) -> str:
 
 @lru_cache(maxsize=4096)
 def from_pair(pair: str) -> str:
-    """Map a feed pair (`BTC-USD`, or FMV's `X:BTC-USD`) to the REST form users see."""
-    if pair.startswith("X:"):
-        pair = pair[2:]
-    base, sep, quote = pair.partition("-")
-    if sep:
-        return f"X:{base}{quote}"
+    """Map a feed pair (`BTC-USD`, or FMV's `X:BTC-USD`) to the REST form users see; a pair that
+    names no symbol (`""`, `FOO`, `??`, `BTC-`) is a `SymbolError`, as any other spelling is."""
     return normalize(pair)

@@ -3,12 +3,16 @@
 Input: columnar trades (or the feed's own aggregates) of one micro-batch. Output: bar records as
 a polars DataFrame in the JSON contract's columns, `state` final, revised or partial.
 
-The watermark is the receipt clock corrected by the feed's clock offset: W = received + max(event
-time − received) so far. A bar is final once W passes its end plus the allowed lateness; a trade
-that arrives after that, within the revision horizon, revises the bar; older ones are counted.
-Whether a trade is late is judged against the watermark of the events before it, so results do
-not depend on how the stream was cut into batches. Live, `advance(now)` moves W with the wall
-clock so quiet bars close; a replay uses the recorded receipt times only.
+The watermark is the receipt clock corrected by the feed's clock offset: W = received + the median
+of (event time − received) over the last `LEAD_WINDOW` events, never moving back. A median is
+robust: a few events with a wild timestamp cannot move it, and a real step of the clock is taken
+up after half a window. A trade whose time is more than `max_ahead` past that corrected clock is
+counted (`ahead`) and builds no bar (for the first two events, more than `horizon` past the
+local clock). A bar is final once W passes its end plus the allowed
+lateness; a trade that arrives after that, within the revision horizon, revises the bar; older
+ones are counted. Whether a trade is late is judged against the watermark of the events before
+it, so results do not depend on how the stream was cut into batches. Live, `advance(now)` moves
+W with the wall clock so quiet bars close; a replay uses the recorded receipt times only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from .indicators import IndicatorParams, IndicatorState, update_many
 from .schema import PRICES, BarState, bar_columns
 
 _NEVER = -(2**62)
+# The clock offset is the median lead of this many events (odd: the median is one of them). Of the
+# first LEAD_MIN events it is the smallest lead, and it is unknown after only one: a lone event
+# with a wild timestamp then moves nothing.
+LEAD_WINDOW = 1001
+LEAD_MIN = 5
 
 STATE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "symbol": pl.String,
@@ -50,6 +59,7 @@ class BarOptions(msgspec.Struct, frozen=True):
     timeframes: tuple[int, ...] = (60_000,)
     lateness: int = 2_000
     horizon: int = 60_000
+    max_ahead: int = 5_000
     max_fill: int = 100_000
     params: IndicatorParams = IndicatorParams()
 
@@ -59,6 +69,7 @@ class BarStats(msgspec.Struct):
     revised: int = 0
     zero_volume: int = 0
     too_late: int = 0
+    ahead: int = 0  # trades stamped more than `max_ahead` past the feed's corrected clock
 
 
 # Rows reach the merge in arrival order (stored or open bars first), so a stable sort by event
@@ -132,7 +143,8 @@ class BarEngine:
         self.options = options or BarOptions()
         self.open = pl.DataFrame(schema=STATE_SCHEMA)
         self.watermark = _NEVER
-        self.offset: int | None = None
+        self.offset: int | None = None  # the feed's clock offset: the median lead
+        self._leads = pl.Series("lead", [], pl.Int64)  # the last LEAD_WINDOW - 1 leads
         self.stats = BarStats()
         # receipt time of the last frame seen, and the watermark before it
         self._frame = (_NEVER, _NEVER)
@@ -189,6 +201,12 @@ class BarEngine:
             return self._empty()
         self.watermark = max(self.watermark, now_ms + self.offset)
         return self._finalize(eof=False)
+
+    def lead_bound(self) -> int:
+        """An upper bound of the clock offset the next events can bring: the median of a window
+        is never above its largest lead."""
+        top = self._leads.max()
+        return _NEVER if top is None else int(top)  # type: ignore[arg-type]
 
     def due_at(self) -> int:
         """The lowest watermark at which some bar (a zero-volume one included) becomes final:
@@ -357,13 +375,23 @@ class BarEngine:
         """Merge partial bars (one per trade or aggregate) in arrival order; `source` picks,
         per timeframe, which rows build it."""
         o = self.options
-        lead = (partials["time"] - partials["received"]).cum_max()
-        if self.offset is not None:
-            lead = lead.clip(lower_bound=self.offset)
-        wm = (partials["received"] + lead).cum_max().clip(lower_bound=self.watermark)
+        received = partials["received"]
+        known = self._leads.len()
+        leads = pl.concat([self._leads, partials["time"] - received])
+        self._leads = leads.tail(LEAD_WINDOW - 1)
+        offset = leads.rolling_median(LEAD_WINDOW, min_samples=LEAD_MIN)
+        if known < LEAD_MIN:  # the first events: the smallest lead, which holds bars open longest
+            offset = offset.fill_null(leads.rolling_min(LEAD_WINDOW, min_samples=2))
+        offset = offset.floor().cast(pl.Int64)
+        after, before_it = offset[known:], offset.shift(1)[known:]
+        # Until the offset is known, the local clock stands in for it, with room for a skew.
+        limit = (before_it + o.max_ahead).fill_null(max(o.max_ahead, o.horizon))
+        ahead = leads[known:] > limit
+        if after.null_count() < after.len():
+            self.offset = int(after[-1])
+        wm = (received + after).fill_null(_NEVER).cum_max().clip(lower_bound=self.watermark)
         # The events of one frame arrive together: each is judged against the watermark as it
         # stood before its frame (rows of one frame share their receipt time).
-        received = partials["received"]
         same_frame = received[0] == self._frame[0]  # a frame may straddle two calls
         first_before = self._frame[1] if same_frame else self.watermark
         new_frame = (received != received.shift(1)).fill_null(not same_frame)
@@ -379,13 +407,15 @@ class BarEngine:
             .rename("w_before")
         )
         self._frame = (int(received[-1]), int(before[-1]))
-        self.offset = int(lead[-1])
         self.watermark = int(wm[-1])
         rows = partials.with_columns(
             before,
             pl.col("time").alias("first_t"),
             pl.col("time").alias("last_t"),
         )
+        if ahead.any():
+            self.stats.ahead += int(ahead.sum())
+            rows = rows.filter(~ahead)
         merged: list[pl.DataFrame] = [self.open]
         if source is None:
             # Trades on time for the shortest timeframe are on time for every longer one: sum

@@ -273,3 +273,159 @@ def test_record_then_replay(tmp_path: Path) -> None:
     # the end of a replay makes every bar final: no partial bars
     bars = [r for r in recs if r["type"] == "bar"]
     assert bars and all(b["state"] == "final" for b in bars)
+
+
+# --- URL settings: every malformed form is one sentence naming the setting, never its password --
+
+URL_PASSWORD = "s3cr3t-pw-XYZ"
+
+# The command that reads each URL setting first; its own flags keep it on loopback.
+URL_COMMANDS = {
+    "DATABASE_URL": ["migrate"],
+    "POLYGON_WS_URL": ["watch", "X:BTCUSD", "--no-ui", "--duration", "1"],
+    "POLYGON_REST_URL": [
+        "backfill",
+        "X:BTCUSD",
+        "--from",
+        "2024-05-29",
+        "--to",
+        "2024-05-30",
+        "--per-minute",
+        "0",
+        "--output",
+        "bars.csv",
+    ],
+    "TELEGRAM_API_URL": [
+        "watch",
+        "X:BTCUSD",
+        "--feed",
+        "demo",
+        "--no-ui",
+        "--duration",
+        "1",
+        "--notify",
+    ],
+}
+URL_SCHEMES = {
+    "DATABASE_URL": ("postgresql", "mysql"),
+    "POLYGON_WS_URL": ("wss", "http"),
+    "POLYGON_REST_URL": ("https", "ftp"),
+    "TELEGRAM_API_URL": ("https", "ftp"),
+}
+URL_PEERS = {
+    "POLYGON_API_KEY": API_KEY,
+    "TELEGRAM_BOT_TOKEN": "123456:ABCdefGhIJKlmNoPQRsTUVwxyZ",
+    "TELEGRAM_CHAT_ID": "1",
+}
+
+
+def malformed_urls(setting: str, password_allowed: bool) -> dict[str, str]:
+    scheme, wrong = URL_SCHEMES[setting]
+    auth = f"u:{URL_PASSWORD}@" if password_allowed else ""
+    forms = {
+        "port 99999": f"{scheme}://{auth}127.0.0.1:99999/x",
+        "port 0": f"{scheme}://{auth}127.0.0.1:0/x",
+        "port abc": f"{scheme}://{auth}127.0.0.1:abc/x",
+        "empty host": f"{scheme}://{auth}:5432/x",
+        "wrong scheme": f"{wrong}://{auth}127.0.0.1:5432/x",
+        "garbage": f"::{URL_PASSWORD}::not a url",
+        "ipv6 [ unbalanced": f"{scheme}://{auth}[::1:5432/x",
+        "ipv6 ] unbalanced": f"{scheme}://{auth}::1]:5432/x",
+    }
+    if not password_allowed:
+        forms["credentials"] = f"{scheme}://u:{URL_PASSWORD}@127.0.0.1:9/x"
+    return forms
+
+
+MALFORMED_URLS = [
+    pytest.param(setting, value, id=f"{setting}-{form}")
+    for setting in URL_COMMANDS
+    for form, value in malformed_urls(setting, setting == "DATABASE_URL").items()
+]
+
+
+def assert_one_sentence_naming(result: subprocess.CompletedProcess[str], name: str) -> None:
+    """Exit 1, and stderr is exactly one sentence naming `name`, without the password."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert URL_PASSWORD not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    sentence = lines[0].removeprefix("polystream: error: ")
+    assert sentence != lines[0], result.stderr
+    assert name in sentence
+    assert sentence.endswith(".") and ". " not in sentence, sentence
+
+
+@pytest.mark.parametrize(("setting", "value"), MALFORMED_URLS)
+def test_malformed_url_setting_is_one_sentence_without_the_password(
+    tmp_path: Path, setting: str, value: str
+) -> None:
+    result = run(tmp_path, *URL_COMMANDS[setting], **URL_PEERS, **{setting: value})
+    assert_one_sentence_naming(result, setting)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["watch", "X:BTCUSD", "--feed", "demo", "--no-ui", "--duration", "1"],
+        ["backfill", "X:BTCUSD", "--from", "2024-05-29", "--to", "2024-05-30"],
+        ["migrate", "--list"],
+        ["migrate", "--rollback"],
+    ],
+)
+@pytest.mark.parametrize("port", ["99999", "abc"])
+def test_a_bad_database_port_is_one_sentence_for_every_command(
+    tmp_path: Path, args: list[str], port: str
+) -> None:
+    url = f"postgresql://u:{URL_PASSWORD}@127.0.0.1:{port}/x"
+    result = run(tmp_path, *args, **URL_PEERS, DATABASE_URL=url)
+    assert_one_sentence_naming(result, "DATABASE_URL")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "wss://127.0.0.1:99999/x",
+        "wss://127.0.0.1:0/x",
+        "wss://127.0.0.1:abc/x",
+        "wss://:5432/x",
+        f"wss://u:{URL_PASSWORD}@127.0.0.1:9/x",
+        "wss://[::1:5432/x",
+    ],
+)
+def test_a_malformed_feed_url_is_one_sentence_naming_the_flag(tmp_path: Path, url: str) -> None:
+    result = run(tmp_path, "watch", "X:BTCUSD", "--feed", url, "--no-ui", "--duration", "1")
+    assert_one_sentence_naming(result, "--feed")
+
+
+def test_valid_url_settings_still_run(tmp_path: Path) -> None:
+    with DemoFeed(api_key=API_KEY, bar_seconds=0.05) as feed:
+        assert feed.url.startswith("ws://127.0.0.1:")
+        result = run(
+            tmp_path,
+            "watch",
+            "X:BTCUSD",
+            "--no-ui",
+            "--json",
+            "--duration",
+            "1",
+            "--no-notify",
+            POLYGON_API_KEY=API_KEY,
+            POLYGON_WS_URL=feed.url + "/",
+            POLYGON_REST_URL="http://127.0.0.1:9/",
+            TELEGRAM_API_URL="http://[::1]:9",
+            TELEGRAM_BOT_TOKEN="123456:ABCdefGhIJKlmNoPQRsTUVwxyZ",
+            TELEGRAM_CHAT_ID="1",
+        )
+    assert result.returncode == 0, result.stderr
+    assert "subscribed" in [r.get("event") for r in records(result.stdout)]
+
+
+def test_migrate_accepts_postgres_and_postgresql_urls(tmp_path: Path, database_url: str) -> None:
+    assert database_url.startswith("postgresql://")
+    short = "postgres://" + database_url.removeprefix("postgresql://")
+    applied = run(tmp_path, "migrate", DATABASE_URL=short)
+    assert applied.returncode == 0, applied.stderr
+    listed = run(tmp_path, "migrate", "--list", DATABASE_URL=database_url)
+    assert listed.returncode == 0, listed.stderr

@@ -1,11 +1,20 @@
+import json
 import logging
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polystream.batch import Batch, Batcher
 from polystream.decode import Decoder
+from polystream.errors import SymbolError
 from polystream.events import (
+    MAX_EXCHANGE,
+    MAX_NOTIONAL,
+    MAX_PRICE,
+    MAX_SIZE,
+    MAX_TIME,
     Aggregate,
     Book,
     FairValue,
@@ -15,6 +24,9 @@ from polystream.events import (
     Trade,
 )
 from polystream.schema import SIDE_BUY, SIDE_SELL
+from polystream.source import Frame
+from polystream.symbols import from_pair
+from polystream.window import BarEngine, BarOptions
 
 TRADE = (
     b'{"ev":"XT","pair":"BTC-USD","p":33021.9,"t":1610462007425,"s":0.01616617,'
@@ -165,3 +177,167 @@ def test_arbitrary_elements_never_raise(elements: list[dict[str, object]]) -> No
     events = d.decode(msgspec.json.encode(elements))
     s = d.stats
     assert len(events) + s.rejected_events + s.unknown_events == len(elements)
+
+
+# -- ranges and pairs: a malformed element is rejected and counted, never raised -------------
+
+AT = 1_700_000_000_000
+
+
+def trade(**fields: object) -> dict[str, object]:
+    return {"ev": "XT", "pair": "BTC-USD", "p": 100.0, "t": AT, "s": 1.0, "x": 1, **fields}
+
+
+def quote(**fields: object) -> dict[str, object]:
+    base = {"ev": "XQ", "pair": "BTC-USD", "bp": 1.0, "bs": 1.0, "ap": 2.0, "as": 1.0, "t": AT}
+    return {**base, **{k.rstrip("_"): v for k, v in fields.items()}}
+
+
+def build(*elements: dict[str, object], symbols: list[str] | None = None) -> tuple[Batch, Batcher]:
+    batcher = Batcher(["X:BTCUSD"] if symbols is None else symbols)
+    return batcher.build([Frame(AT, msgspec.json.encode(list(elements)))]), batcher
+
+
+def test_numbers_at_their_limits_are_kept() -> None:
+    batch, batcher = build(
+        trade(t=0, x=0, p=0.0, s=0.0),
+        trade(t=MAX_TIME, x=MAX_EXCHANGE, p=MAX_PRICE, s=MAX_NOTIONAL / MAX_PRICE),
+        trade(p=MAX_NOTIONAL / MAX_SIZE, s=MAX_SIZE),
+        quote(t=MAX_TIME, x=MAX_EXCHANGE, bp=MAX_PRICE, bs=MAX_SIZE, ap=0, as_=0),
+    )
+    assert (batch.trades.height, batch.quotes.height) == (3, 1)
+    assert batch.trades["exchange"].to_list() == [0, MAX_EXCHANGE, 1]
+    assert batcher.decoder.stats.rejected_events == 0
+    book = {"ev": "XL2", "pair": "BTC-USD", "t": MAX_TIME, "x": MAX_EXCHANGE}
+    agg = {"ev": "XA", "pair": "BTC-USD", "o": 0, "h": MAX_PRICE, "l": 0, "c": 1, "e": MAX_TIME}
+    d = Decoder()
+    events = d.decode(
+        msgspec.json.encode(
+            [
+                {**book, "b": [[MAX_PRICE, MAX_SIZE]], "a": [[0, 0]]},
+                {**agg, "v": MAX_SIZE, "vw": MAX_NOTIONAL / MAX_SIZE, "z": 1e3, "s": 0},
+                {"ev": "FMV", "sym": "X:BTC-USD", "fmv": MAX_PRICE, "t": MAX_TIME * 1_000_000},
+            ]
+        )
+    )
+    assert [type(e) for e in events] == [Book, Aggregate, FairValue]
+    assert d.stats.rejected_events == 0
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        trade(x=MAX_EXCHANGE + 1),
+        trade(x=-1),
+        trade(t=MAX_TIME + 1),
+        trade(t=2**64),
+        trade(t=-1),
+        trade(p=MAX_PRICE * 1.01),
+        trade(p=-0.01),
+        trade(s=MAX_SIZE * 1.01),
+        trade(s=-1e-9),
+        trade(p=MAX_PRICE, s=MAX_NOTIONAL / MAX_PRICE * 1.01),
+        quote(bp=1e308),
+        quote(bs=-1.0),
+        quote(ap=MAX_PRICE * 2),
+        quote(as_=1e300),
+        quote(x=99_999),
+        quote(t=10**30),
+    ],
+    ids=str,
+)
+def test_a_trade_or_quote_out_of_range_is_rejected_where_columns_are_built(
+    element: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        batch, batcher = build(trade(), element, quote(), trade(i="last"))
+    assert (batch.trades.height, batch.quotes.height) == (2, 1)
+    assert batch.trades["trade_id"].to_list() == [None, "last"]
+    stats = batcher.decoder.stats
+    assert (stats.events, stats.rejected_events) == (3, 1)
+    [record] = [r.getMessage() for r in caplog.records if "rejected event" in r.getMessage()]
+    assert "outside" in record or "above" in record
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        {**json.loads(BOOK), "x": 99_999},
+        {**json.loads(BOOK), "t": -1},
+        {**json.loads(BOOK), "b": [[1e308, 1.0]]},
+        {**json.loads(BOOK), "a": [[1.0, -1.0]]},
+        {**json.loads(AGG), "v": 1e308},
+        {**json.loads(AGG), "s": 99_999_999_999_999_999_999},
+        {**json.loads(AGG), "vw": MAX_PRICE, "v": MAX_SIZE},
+        {**json.loads(AGG), "vw": None, "c": MAX_PRICE, "v": MAX_SIZE},
+        {**json.loads(AGG), "z": 1e-300},
+        {**json.loads(AGG), "ev": "XAS", "l": -1},
+        {"ev": "FMV", "sym": "X:BTC-USD", "fmv": 1.0, "t": -1},
+        {"ev": "FMV", "sym": "X:BTC-USD", "fmv": 1.0, "t": MAX_TIME + 1},
+        {"ev": "FMV", "sym": "X:BTC-USD", "fmv": 1e308, "t": 1},
+    ],
+    ids=str,
+)
+def test_a_rare_event_out_of_range_is_rejected_as_it_decodes(element: dict[str, object]) -> None:
+    d = Decoder()
+    events = d.decode(frame(TRADE, msgspec.json.encode(element), QUOTE))
+    assert [type(e) for e in events] == [Trade, Quote]
+    assert (d.stats.events, d.stats.rejected_events) == (2, 1)
+
+
+@pytest.mark.parametrize("pair", ["", "FOO", "??", "BTC-", "-USD", "BTC-USD-EUR"])
+def test_a_pair_that_names_no_symbol_is_rejected_an_unwatched_one_is_other(pair: str) -> None:
+    with pytest.raises(SymbolError):
+        from_pair(pair)
+    book = {**json.loads(BOOK), "pair": pair}
+    agg = {**json.loads(AGG), "pair": pair}
+    elements = [trade(pair=pair), quote(pair=pair), book, agg, trade(pair="ETH-USD"), trade()]
+    for symbols in (["X:BTCUSD"], None):
+        batcher = Batcher(symbols)
+        for _ in range(2):  # the second time from the cache
+            batch = batcher.build([Frame(AT, msgspec.json.encode(elements))])
+            assert batch.books == [] and batch.aggregates.height == 0
+            assert batch.trades["symbol"].to_list() == (
+                ["X:BTCUSD"] if symbols else ["X:ETHUSD", "X:BTCUSD"]
+            )
+            assert batch.other == (1 if symbols else 0)
+        stats = batcher.decoder.stats
+        assert (stats.events, stats.rejected_events) == (4, 8)
+
+
+def test_rejects_are_logged_a_few_times(caplog: pytest.LogCaptureFixture) -> None:
+    batcher = Batcher(["X:BTCUSD"])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            batcher.build([Frame(AT, msgspec.json.encode([trade(x=-1), trade(pair="??")]))])
+    assert batcher.decoder.stats.rejected_events == 40
+    assert len([r for r in caplog.records if "rejected event" in r.getMessage()]) == 5
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+numbers = st.integers() | finite | st.sampled_from([0, MAX_TIME, MAX_PRICE, MAX_SIZE, 2**63])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"p": numbers, "s": numbers, "x": numbers, "t": st.integers(AT - 5_000, AT) | numbers}
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_arbitrary_trade_numbers_never_raise_and_kept_ones_make_bars(
+    fields: list[dict[str, object]],
+) -> None:
+    batch, batcher = build(*[trade(**f) for f in fields])
+    stats = batcher.decoder.stats
+    assert batch.trades.height + stats.rejected_events == len(fields)
+    kept = batch.trades
+    assert kept["time"].is_between(0, MAX_TIME).all()
+    assert kept["exchange"].is_between(0, MAX_EXCHANGE).all()
+    assert (kept["price"] * kept["size"]).le(MAX_NOTIONAL).all()
+    engine = BarEngine(BarOptions(timeframes=(1_000, 60_000)))
+    engine.add_trades(kept)
+    engine.finish()

@@ -19,16 +19,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+import msgspec
 import pytest
 
 from polystream.filters.engine import Alert
 from polystream.notify import (
     MAX_TEXT,
     OUTBOX_FILE,
+    PART_ALERTS,
     NotifyError,
     TelegramNotifier,
     format_alert,
     format_digest,
+    split_digest,
     split_message,
 )
 
@@ -341,6 +344,30 @@ def test_a_burst_becomes_a_digest(api: BotApi, make: MakeNotifier) -> None:
     assert whole == format_digest(burst)
 
 
+def test_a_digest_goes_out_in_parts_of_at_most_ten_alerts(api: BotApi, make: MakeNotifier) -> None:
+    notifier = make(digest_after=5)
+    burst = [alert(f"alert number {i}") for i in range(45)]
+    notifier.offer(burst)
+    wait_for(lambda: notifier.stats.pending == 0)
+    texts = [c.text for c in api.delivered()]
+    assert PART_ALERTS == 10
+    assert [t.count("alert number") for t in texts] == [10, 10, 10, 10, 5]
+    assert texts[0].startswith("<b>45 alerts</b>\n")
+    assert "".join(texts) == format_digest(burst)
+    assert (notifier.stats.sent, notifier.stats.digests) == (5, 1)
+
+
+def test_a_digest_part_holds_ten_alerts_and_4096_characters_at_most() -> None:
+    # short alerts, and every 17th one longer than a message
+    burst = [alert(f"#{i}# " + "w " * (3000 if i % 17 == 0 else 20)) for i in range(70)]
+    parts = split_digest(burst)
+    assert "".join(parts) == format_digest(burst)
+    assert all(len(p) <= MAX_TEXT for p in parts)
+    alerts_per_part = [len(re.findall(r"#\d+#", p)) for p in parts]
+    assert max(alerts_per_part) == PART_ALERTS
+    assert sum(alerts_per_part) == len(burst)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -517,7 +544,7 @@ def test_a_digest_resumes_after_its_last_delivered_part(
     second.offer([alert("after the restart")])
     wait_for(lambda: second.stats.pending == 0)
     texts = [c.text for c in api.delivered()]
-    digest = split_message(format_digest(burst))
+    digest = split_digest(burst)
     assert len(digest) > 1
     assert texts == [*digest, format_alert(alert("after the restart"))]
 
@@ -561,3 +588,88 @@ def test_an_unusable_state_dir_is_one_sentence(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith("Cannot open the Telegram outbox") and message.endswith(".")
     assert TOKEN not in message
+
+
+# -- stopping over a slow Bot API --------------------------------------------------------------
+
+
+def test_a_request_in_flight_at_stop_gets_its_full_timeout(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    api.delay = 1.5
+    notifier = make(state=state, timeout=3.0)
+    notifier.offer([alert()])
+    time.sleep(0.2)  # the request is on its way
+    started = time.monotonic()
+    notifier.stop(0.3)
+    took = time.monotonic() - started
+    assert not notifier.alive
+    assert 1.0 < took < 0.3 + 3.0
+    assert (notifier.stats.sent, notifier.stats.pending) == (1, 0)
+    assert outbox_rows(state) == 0
+
+    again = make(state=state)
+    time.sleep(0.2)
+    again.stop(1.0)
+    assert len(api.calls) == 1
+
+
+def test_a_clean_stop_over_a_slow_bot_api_sends_nothing_twice(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    # Telegram answers in about a second: stop's deadline falls while a backlog is delivered.
+    state = tmp_path / "state"
+    api.delay = 1.0
+    sent = [alert(f"alert {i}") for i in range(3)]
+    first = make(state=state, timeout=10.0)
+    first.offer(sent)
+    started = time.monotonic()
+    first.stop(1.5)
+    assert time.monotonic() - started < 1.5 + 10.0
+    assert not first.alive
+    assert first.stats.sent >= 1
+
+    api.delay = 0.0
+    second = make(state=state)
+    wait_for(lambda: second.stats.pending == 0)
+    second.stop(1.0)
+    time.sleep(1.2)  # a request the first notifier gave up on would be answered by now
+    delivered = Counter(c.text for c in api.delivered())
+    assert delivered == Counter(format_alert(a) for a in sent)
+
+
+def test_a_digest_under_way_in_an_older_outbox_resumes_without_loss(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    # Version 1 cut a digest only at 4096 characters and counted those parts as sent.
+    state = tmp_path / "state"
+    state.mkdir()
+    burst = [alert(f"old {i} " + "v" * 80) for i in range(100)]
+    full = format_digest(burst)
+    old_first = split_message(full)[0]
+    with sqlite3.connect(state / OUTBOX_FILE) as db:
+        db.executescript(
+            """
+            CREATE TABLE outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                chat TEXT NOT NULL,
+                alert BLOB NOT NULL,
+                digest INTEGER,
+                parts_sent INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE INDEX outbox_chat ON outbox (chat, id);
+            PRAGMA user_version = 1;
+            """
+        )
+        db.executemany(
+            "INSERT INTO outbox (id, chat, alert, digest, parts_sent) VALUES (?, '111', ?, 1, 1)",
+            [(i + 1, msgspec.json.encode(a)) for i, a in enumerate(burst)],
+        )
+    notifier = make(state=state)
+    wait_for(lambda: notifier.stats.pending == 0)
+    rest = "".join(c.text for c in api.delivered())
+    assert full.endswith(rest)
+    skipped = len(full) - len(rest)
+    assert 0 < skipped <= len(old_first)  # nothing that was not delivered is skipped
+    assert old_first[skipped:].count("<b>WARNING</b>") < PART_ALERTS  # what is sent again

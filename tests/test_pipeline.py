@@ -22,7 +22,7 @@ from polystream.pipeline import Pipeline
 from polystream.record import Recorder, ReplaySource
 from polystream.schema import Alert, Notice
 from polystream.simulator import DemoFeed
-from polystream.sinks import BaseSink, Output
+from polystream.sinks import BaseSink, FeedState, Output
 from polystream.source import FeedClient, FeedOptions, Frame
 from polystream.stages import Stages
 from polystream.window import BarOptions
@@ -93,7 +93,9 @@ def write_recording(path: Path, trades: list[dict[str, object]], seed: int = 2) 
         size = rng.randint(1, 12)
         chunk = trades[i : i + size]
         i += size
-        received = max(int(t["t"]) for t in chunk) + rng.randint(1, 30)  # type: ignore[call-overload]
+        # "_t": when a trade with a wrong timestamp really happened, and so was received
+        received = max(int(t.get("_t", t["t"])) for t in chunk) + rng.randint(1, 30)  # type: ignore[call-overload]
+        chunk = [{k: v for k, v in t.items() if k != "_t"} for t in chunk]
         quote = {
             "ev": "XQ",
             "pair": chunk[0]["pair"],
@@ -267,6 +269,69 @@ def test_any_batch_size_gives_the_same_bars(recording: tuple[Path, list], batch:
     assert (
         replay(path, batch=batch).records.sort("symbol", "timeframe", "start", "state").equals(base)
     )
+
+
+def replay_with_view(path: Path, batch: int = 50_000) -> tuple[Capture, FeedState]:
+    out = Capture()
+    pipeline = Pipeline(
+        ReplaySource(path),
+        Stages(
+            list(SYMBOLS.values()),
+            BarOptions(timeframes=TIMEFRAMES, lateness=LATENESS),
+            max_pending=batch,
+        ),
+        [out],
+        live=False,
+        max_bytes=batch * 100,
+    )
+    assert not pipeline.run().interrupted
+    return out, pipeline.view().feed
+
+
+@pytest.mark.parametrize(
+    ("where", "ahead_ms"),
+    [(3_000, 30_000), (3_000, 70_000), (3_000, 3_600_000), (0, 3_600_000), (5_999, 3_600_000)],
+)
+def test_one_trade_stamped_in_the_future_costs_only_itself(
+    tmp_path: Path, where: int, ahead_ms: int
+) -> None:
+    # Before: one trade an hour ahead moved the watermark for good (every later trade too
+    # late, future bars finalised); thirty seconds ahead caused thousands of revisions.
+    trades = make_trades()
+    clean, clean_feed = replay_with_view(write_to(tmp_path / "clean.rec", trades))
+    bad = dict(trades[where], i="outlier", _t=trades[where]["t"])
+    bad["t"] = int(bad["t"]) + ahead_ms  # type: ignore[call-overload]
+    path = write_to(tmp_path / "bad.rec", [*trades[:where], bad, *trades[where:]])
+    for batch in (50_000, 37):
+        got, feed = replay_with_view(path, batch)
+        assert feed.ahead == 1 and feed.too_late == 0 and feed.revised == 0
+        assert got.records.sort(KEYS).equals(clean.records.sort(KEYS))
+        assert feed.bars == clean_feed.bars
+        notices = [n for n in got.notices if n.event == "ahead"]
+        assert len(notices) == 1 and notices[0].detail.startswith("1 trade stamped more than 5 s")
+
+
+def test_a_steady_clock_offset_is_taken_up_not_rejected(tmp_path: Path) -> None:
+    # every trade 20 s ahead of the receipt clock (a local clock 20 s slow) is not "ahead"
+    trades = make_trades(n=3_000)
+    skewed = [dict(t, t=int(t["t"]) + 20_000, _t=t["t"]) for t in trades]  # type: ignore[call-overload]
+    got, feed = replay_with_view(write_to(tmp_path / "skewed.rec", skewed))
+    plain, _ = replay_with_view(write_to(tmp_path / "plain.rec", trades))
+    assert feed.ahead == 0 and feed.too_late == 0 and feed.revised == 0
+    seconds = pl.col("timeframe") == "1s"
+    assert (
+        got.records.filter(seconds)
+        .select(pl.col("start") - 20_000, "close")
+        .equals(plain.records.filter(seconds).select("start", "close"))
+    )
+
+
+KEYS = ["symbol", "timeframe", "start", "state"]
+
+
+def write_to(path: Path, trades: list[dict[str, object]]) -> Path:
+    write_recording(path, trades)
+    return path
 
 
 def test_feed_aggregates_as_bar_source_and_their_drift() -> None:

@@ -1,10 +1,12 @@
 import gzip
+import logging
 import time
 from pathlib import Path
 
 import pytest
 
 from polystream.errors import RecordingError
+from polystream.events import MAX_TIME
 from polystream.record import Recorder, ReplaySource, read_recording
 from polystream.source import EndOfStream, Frame, Frames, Item, Notice
 
@@ -96,3 +98,21 @@ def test_not_a_recording_is_one_sentence(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="does not exist"):
         ReplaySource(tmp_path / "nope.rec")
+
+
+@pytest.mark.parametrize(
+    "stamp", [b"99999999999999999999999", b"9" * 5_000, b"%d" % (MAX_TIME + 1)], ids=len
+)
+def test_a_stamp_out_of_range_is_a_damaged_line(
+    tmp_path: Path, stamp: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # even on line 1: the line has a recording's form, so the file is a recording
+    path = tmp_path / "stamps.rec"
+    path.write_bytes(b"%s\t[]\n1\t[]\n%s\t[2]\n%d\t[3]\n" % (stamp, stamp, MAX_TIME))
+    with caplog.at_level(logging.WARNING):
+        assert list(read_recording(path)) == [Frame(1, b"[]"), Frame(MAX_TIME, b"[3]")]
+    damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert [m.split(" line ")[1] for m in damaged] == [
+        "1 is damaged and was skipped",
+        "3 is damaged and was skipped",
+    ]

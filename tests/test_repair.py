@@ -111,7 +111,10 @@ def test_without_trades_in_the_plan_the_aggregates_rebuild_the_bars() -> None:
     engine = BarEngine(BarOptions(timeframes=(1_000,), lateness=0))
     t0 = 1_700_000_000_000
     before = pl.DataFrame(
-        [("X:BTCUSD", t0 + 100, 100.0, 1.0, 2, 1, "a", t0 + 105)],
+        [
+            ("X:BTCUSD", t0 + 100, 100.0, 1.0, 2, 1, "a", t0 + 105),
+            ("X:BTCUSD", t0 + 200, 100.0, 1.0, 2, 1, "b", t0 + 205),
+        ],
         schema=list(TRADE.items()),
         orient="row",
     )

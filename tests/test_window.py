@@ -96,11 +96,13 @@ def test_quiet_interval_gives_zero_volume_bars() -> None:
 def test_wall_clock_closes_quiet_bars_live_only() -> None:
     e = engine(SEC, lateness=500)
     e.add_trades(trades([t(100, 10.0)]))
+    assert e.offset is None  # one trade does not tell the feed's clock
+    e.add_trades(trades([t(150, 10.0)]))
     assert e.add_trades(trades([])).height == 0
     # ten quiet seconds later the wall clock has closed the bar and nine empty ones
     out = e.advance(T0 + 10_600)
     assert out["start"].to_list() == [T0 + k * SEC for k in range(10)]
-    assert out["trades"].to_list() == [1] + [0] * 9
+    assert out["trades"].to_list() == [2] + [0] * 9
 
 
 def test_skewed_local_clock_drops_nothing() -> None:
@@ -112,7 +114,7 @@ def test_skewed_local_clock_drops_nothing() -> None:
     assert out["trades"].sum() == 30
     # and the wall clock, corrected by the observed offset, still closes bars
     e2 = engine(SEC, lateness=500)
-    e2.add_trades(trades([t(100, 1.0, delay=-5_000)]))
+    e2.add_trades(trades([t(100, 1.0, delay=-5_000), t(120, 1.0, delay=-5_000)]))
     assert e2.advance(T0 + 100 - 5_000 + 1_600).height == 1
 
 
@@ -261,3 +263,21 @@ def test_batch_cuts_do_not_change_bars_or_indicators(data: st.DataObject) -> Non
     ]
     assert firsts[0].equals(firsts[1])
     assert whole_stats.too_late == piece_stats.too_late  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("ahead_ms", [30_000, 70_000, 3_600_000])
+def test_live_a_trade_stamped_in_the_future_finalises_no_future_bar(ahead_ms: int) -> None:
+    # Before: the outlier moved the clock offset for good, so the wall clock finalised empty
+    # future bars and every later trade was too late.
+    e = engine(SEC, lateness=500)
+    out = []
+    for k in range(600):  # a trade every 100 ms for a minute, the clock advancing with them
+        row = t(k * 100, 100.0 + k % 7)
+        if k == 300:
+            row = (row[0], row[1] + ahead_ms, *row[2:])
+        out.append(e.add_trades(trades([row])))
+        out.append(e.advance(T0 + k * 100 + 50))
+    bars = pl.concat(out)
+    assert e.stats.ahead == 1 and e.stats.too_late == 0 and e.stats.revised == 0
+    assert bars["start"].max() < T0 + 60 * SEC
+    assert e.partial()["trades"].sum() + bars["trades"].sum() == 599

@@ -120,6 +120,13 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
 def replay(path: Path, *, speed: float | None = None, batch: int = 50_000) -> Capture:
     """Replay with passes of about `batch` events, and at most that many trades waiting for the
     bar engine."""
+    return replay_with_view(path, speed=speed, batch=batch)[0]
+
+
+def replay_with_view(
+    path: Path, *, speed: float | None = None, batch: int = 50_000
+) -> tuple[Capture, FeedState]:
+    """`replay`, and the run's counters at its end."""
     out = Capture()
     pipeline = Pipeline(
         ReplaySource(path, speed=speed),
@@ -132,9 +139,8 @@ def replay(path: Path, *, speed: float | None = None, batch: int = 50_000) -> Ca
         live=False,
         max_bytes=batch * 100,
     )
-    result = pipeline.run()
-    assert not result.interrupted
-    return out
+    assert not pipeline.run().interrupted
+    return out, pipeline.view().feed
 
 
 def units(x: pl.Expr) -> pl.Expr:
@@ -271,23 +277,6 @@ def test_any_batch_size_gives_the_same_bars(recording: tuple[Path, list], batch:
     )
 
 
-def replay_with_view(path: Path, batch: int = 50_000) -> tuple[Capture, FeedState]:
-    out = Capture()
-    pipeline = Pipeline(
-        ReplaySource(path),
-        Stages(
-            list(SYMBOLS.values()),
-            BarOptions(timeframes=TIMEFRAMES, lateness=LATENESS),
-            max_pending=batch,
-        ),
-        [out],
-        live=False,
-        max_bytes=batch * 100,
-    )
-    assert not pipeline.run().interrupted
-    return out, pipeline.view().feed
-
-
 @pytest.mark.parametrize(
     ("where", "ahead_ms"),
     [(3_000, 30_000), (3_000, 70_000), (3_000, 3_600_000), (0, 3_600_000), (5_999, 3_600_000)],
@@ -303,7 +292,7 @@ def test_one_trade_stamped_in_the_future_costs_only_itself(
     bad["t"] = int(bad["t"]) + ahead_ms  # type: ignore[call-overload]
     path = write_to(tmp_path / "bad.rec", [*trades[:where], bad, *trades[where:]])
     for batch in (50_000, 37):
-        got, feed = replay_with_view(path, batch)
+        got, feed = replay_with_view(path, batch=batch)
         assert feed.ahead == 1 and feed.too_late == 0 and feed.revised == 0
         assert got.records.sort(KEYS).equals(clean.records.sort(KEYS))
         assert feed.bars == clean_feed.bars

@@ -8,11 +8,11 @@ of (event time − received) over the last `LEAD_WINDOW` events, never moving ba
 robust: a few events with a wild timestamp cannot move it, and a real step of the clock is taken
 up after half a window. A trade whose time is more than `max_ahead` past that corrected clock is
 counted (`ahead`) and builds no bar (for the first two events, more than `horizon` past the
-local clock). A bar is final once W passes its end plus the allowed
-lateness; a trade that arrives after that, within the revision horizon, revises the bar; older
-ones are counted. Whether a trade is late is judged against the watermark of the events before
-it, so results do not depend on how the stream was cut into batches. Live, `advance(now)` moves
-W with the wall clock so quiet bars close; a replay uses the recorded receipt times only.
+local clock). A bar is final once W passes its end plus the allowed lateness; a trade that
+arrives after that, within the revision horizon, revises the bar; older ones are counted.
+Whether a trade is late is judged against the watermark of the events before it, so results do
+not depend on how the stream was cut into batches. Live, `advance(now)` moves W with the wall
+clock so quiet bars close; a replay uses the recorded receipt times only.
 """
 
 from __future__ import annotations

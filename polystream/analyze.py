@@ -1,7 +1,8 @@
 """`polystream analyze`: an OHLCV bar file (CSV or Parquet) → validated bars → indicator columns.
 
-`read_bars` returns time (epoch ms, bar start), open, high, low, close, volume in time order, or
-raises `AnalyzeError` naming the file and the first row at fault; `analyze` adds the indicators.
+`read_bars` returns time (epoch ms, bar start), open, high, low, close, volume in time order (with
+a `symbol` column first, per symbol, when the file has one), or raises `AnalyzeError` naming the
+file and the first row at fault; `analyze` adds the indicators, each symbol's on its own bars.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import polars as pl
 
-from .errors import PolystreamError
+from .errors import PolystreamError, SymbolError
 from .indicators import IndicatorParams, compute
 from .schema import OHLCV, PRICES
+from .symbols import normalize
 
 BAR_COLUMNS = ("time", *OHLCV)
 PRICE_COLUMNS = PRICES
@@ -44,7 +46,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "low": ("low", "l"),
     "close": ("close", "c"),
     "volume": ("volume", "v", "vol", "base_volume"),
+    "symbol": ("symbol", "ticker", "pair"),
 }
+# Columns a file may leave out.
+OPTIONAL = ("volume", "symbol")
 
 SUFFIXES = ".csv, .csv.gz, .parquet or .pq"
 
@@ -75,12 +80,16 @@ class AnalyzeError(PolystreamError):
     """
 
 
-def read_bars(path: Path) -> pl.DataFrame:
+def read_bars(path: Path, symbol: str | None = None) -> pl.DataFrame:
     """The bars in `path` (.csv, .csv.gz, .parquet or .pq), checked, in time order.
 
     Columns: `time` (Int64 epoch milliseconds, bar start) and `open high low close volume`
     (Float64). Headers are matched case-insensitively against `ALIASES`; other columns are
-    ignored; without a volume column `volume` is null. Times may be epoch seconds,
+    ignored; without a volume column `volume` is null. A file with a symbol column holds
+    several symbols: `symbol` (String, `X:BTCUSD` form) comes first, rows are in symbol then
+    time order, a time may repeat only for another symbol, and `symbol` (any accepted spelling)
+    keeps only that symbol's bars (`AnalyzeError` naming the file's symbols if it has none);
+    without a symbol column `symbol` is ignored. Times may be epoch seconds,
     milliseconds, microseconds or nanoseconds (told apart by magnitude, see `_UNIT_BOUNDS`),
     ISO 8601 text (without an offset it is UTC), or Parquet Date/Datetime values (naive is UTC).
     Blank lines are skipped. Raises `AnalyzeError` for the earliest row with a missing or
@@ -92,8 +101,13 @@ def read_bars(path: Path) -> pl.DataFrame:
         raise AnalyzeError(f"{path} has no data rows.")
     names = _match_columns(raw.columns, path)
 
-    time, problems = _times(raw[names["time"]], names["time"], path)
-    columns: dict[str, pl.Series] = {"time": time}
+    columns: dict[str, pl.Series] = {}
+    problems: list[_Problem] = []
+    if "symbol" in names:
+        columns["symbol"], problems = _symbols(raw[names["symbol"]], names["symbol"], path)
+    time, found = _times(raw[names["time"]], names["time"], path)
+    problems += found
+    columns["time"] = time
     for role in BAR_COLUMNS[1:]:
         if role in names:
             values, found = _numbers(raw[names[role]], names[role], role, path)
@@ -103,15 +117,55 @@ def read_bars(path: Path) -> pl.DataFrame:
         columns[role] = values
     bars = pl.DataFrame({role: series.alias(role) for role, series in columns.items()})
     problems += _inconsistent(bars)
-    problems.append(_duplicates(bars["time"]))
+    problems.append(_duplicates(bars))
     _raise_first(path, problems, numbers)
-    return bars.sort("time", maintain_order=True)
+    if "symbol" not in bars.columns:
+        return bars.sort("time", maintain_order=True)
+    bars = bars.sort("symbol", "time", maintain_order=True)
+    return bars if symbol is None else _pick(bars, symbol, path)
 
 
-def analyze(path: Path, params: IndicatorParams | None = None) -> pl.DataFrame:
-    """The bars in `path` with every indicator column: `BAR_COLUMNS`, then `params.columns`."""
+def analyze(
+    path: Path, params: IndicatorParams | None = None, symbol: str | None = None
+) -> pl.DataFrame:
+    """The bars in `path` with every indicator column: `BAR_COLUMNS`, then `params.columns`.
+
+    A file with a symbol column keeps it first, and each symbol's indicators come from its own
+    bars; `symbol` keeps one of them (see `read_bars`), and is an error for a file without one.
+    """
     p = params or IndicatorParams()
-    return compute(read_bars(path), p).select([*BAR_COLUMNS, *p.columns])
+    bars = read_bars(path, symbol)
+    if "symbol" not in bars.columns:
+        if symbol is not None:
+            raise AnalyzeError(
+                f"{path} has no symbol column to pick {normalize(symbol)} from: "
+                "all of its bars are of one symbol."
+            )
+        return compute(bars, p).select([*BAR_COLUMNS, *p.columns])
+    parts = [compute(part, p) for part in bars.partition_by("symbol", maintain_order=True)]
+    return pl.concat(parts).select(["symbol", *BAR_COLUMNS, *p.columns])
+
+
+def file_symbols(bars: pl.DataFrame) -> list[str]:
+    """The symbols of bars from `read_bars`, in their order there ([] without a symbol column)."""
+    if "symbol" not in bars.columns:
+        return []
+    return [str(s) for s in bars["symbol"].unique(maintain_order=True).to_list()]
+
+
+def _listed(items: list[str], limit: int = 20) -> str:
+    if len(items) > limit:
+        return ", ".join(items[:limit]) + f" and {len(items) - limit} more"
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
+
+
+def _pick(bars: pl.DataFrame, symbol: str, path: Path) -> pl.DataFrame:
+    wanted = normalize(symbol)
+    picked = bars.filter(pl.col("symbol") == wanted)
+    if picked.height == 0:
+        held = file_symbols(bars)
+        raise AnalyzeError(f"{path} has no bars of {wanted}; it holds {_listed(held)}.")
+    return picked
 
 
 def write_output(frame: pl.DataFrame, out: Path) -> None:
@@ -248,7 +302,7 @@ def _match_columns(names: list[str], path: Path) -> dict[str, str]:
             raise AnalyzeError(f"{path} has {both} as {role} columns; keep only one of them.")
         if matches:
             found[role] = matches[0]
-        elif role != "volume":
+        elif role not in OPTIONAL:
             missing.append(role)
     if missing:
         lacks = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
@@ -464,9 +518,48 @@ def _inconsistent(bars: pl.DataFrame) -> list[_Problem]:
     ]
 
 
-def _duplicates(time: pl.Series) -> _Problem:
-    def describe(i: int, rows: pl.Series) -> str:
-        earlier = int((time == time[i]).arg_true()[0])
-        return f"repeats the time {_iso(time[i])} of row {rows[earlier]}"
+def _duplicates(bars: pl.DataFrame) -> _Problem:
+    """Rows whose time an earlier row has (an earlier row of the same symbol, with symbols)."""
+    time = bars["time"]
+    if "symbol" not in bars.columns:
 
-    return _Problem(~time.is_first_distinct() & time.is_not_null(), describe)
+        def describe(i: int, rows: pl.Series) -> str:
+            earlier = int((time == time[i]).arg_true()[0])
+            return f"repeats the time {_iso(time[i])} of row {rows[earlier]}"
+
+        return _Problem(~time.is_first_distinct() & time.is_not_null(), describe)
+
+    symbol = bars["symbol"]
+    repeated = ~bars.select(pl.struct("symbol", "time").is_first_distinct()).to_series()
+
+    def describe_of(i: int, rows: pl.Series) -> str:
+        earlier = int(((time == time[i]) & (symbol == symbol[i])).arg_true()[0])
+        return f"repeats the time {_iso(time[i])} of {symbol[i]} in row {rows[earlier]}"
+
+    return _Problem(repeated & time.is_not_null() & symbol.is_not_null(), describe_of)
+
+
+def _symbols(raw: pl.Series, name: str, path: Path) -> tuple[pl.Series, list[_Problem]]:
+    """A symbol column in the `X:BTCUSD` form, and the rows at fault."""
+    if raw.dtype == pl.String or raw.dtype == pl.Categorical or isinstance(raw.dtype, pl.Enum):
+        text = raw.cast(pl.String).str.strip_chars()
+    elif raw.dtype == pl.Null:
+        text = raw.cast(pl.String)
+    else:
+        raise AnalyzeError(f"Column {name!r} of {path} holds {raw.dtype} values, not symbols.")
+    forms: dict[str, str] = {}
+    for value in text.drop_nulls().unique().to_list():
+        with contextlib.suppress(SymbolError):
+            forms[value] = normalize(value)
+    symbols = text.replace_strict(forms, default=None, return_dtype=pl.String)
+    blank = _blank(text)
+    return symbols, [
+        _Problem(blank, lambda i, _: f"has no symbol in column {name!r}"),
+        _Problem(
+            ~blank & symbols.is_null(),
+            lambda i, _: (
+                f"has {_show(text[i])} in column {name!r}, which is not a symbol such as "
+                "X:BTCUSD, BTC-USD or btcusd"
+            ),
+        ),
+    ]

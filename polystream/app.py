@@ -12,10 +12,12 @@ migrations, a feed that needs a key that is not set.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeAlias
+from urllib.parse import urlsplit
 
 import msgspec
 import polars as pl
@@ -23,7 +25,7 @@ import polars as pl
 from . import display
 from .config import DEFAULT_REST_URL, Settings, check_url, load_settings, timeframe_name
 from .decode import Decoder
-from .errors import ConfigError, PolystreamError, SymbolError
+from .errors import ConfigError, FeedError, PolystreamError, SymbolError
 from .filters import Filter, FilterEngine, FilterWatcher
 from .indicators import IndicatorParams
 from .pipeline import Pipeline, RunResult, Source
@@ -80,12 +82,19 @@ class RunOptions(msgspec.Struct, frozen=True):
     store: bool | None = None
     notify: bool | None = None
     warmup: bool = True
+    utc: bool = False  # times on screen in UTC rather than local time
 
 
 def run(options: RunOptions, settings: Settings | None = None) -> RunResult:
-    """Run to the end of the feed, `options.duration` or Ctrl-C."""
+    """Run to the end of the feed, `options.duration` or Ctrl-C; a live run that never reached
+    its feed is an error, not a success."""
     with open_run(options, settings or load_settings()) as pipeline:
-        return pipeline.run()
+        result = pipeline.run()
+        source = pipeline.source
+        if isinstance(source, FeedClient) and not source.streamed and not result.interrupted:
+            why = f": {source.last_failure}" if source.last_failure else ""
+            raise FeedError(f"The feed at {source.url} was never reached{why}.")
+        return result
 
 
 @contextlib.contextmanager
@@ -132,6 +141,8 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
         pipeline = Pipeline(
             source, stages, sinks, units=units, live=live, duration=options.duration
         )
+        if not watcher.filters:
+            pipeline.report("no_filters", _no_filters(watcher.directory))
         if options.record is not None:
             pipeline.add(RecorderSink(Recorder(options.record)))
         if store is not None:
@@ -146,16 +157,35 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
         yield pipeline
 
 
+# Hosts of a feed on this machine, which is never the real one: without a key, this one is sent.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_KEY = "local"
+
+
+def _no_filters(directory: Path) -> str:
+    """Why a run raises no alerts, and what to do about it."""
+    where = (
+        f"{directory} does not exist"
+        if not directory.exists()
+        else f"{directory} holds no filter files"
+    )
+    return (
+        f"no alerts: {where}; `polystream filter add` writes one there (watched, so it is "
+        "picked up at once), `polystream demo` runs the shipped ones"
+    )
+
+
 def _sinks(options: RunOptions, symbols: Sequence[str], timeframes: Sequence[int]) -> list[Sink]:
     """What users see: JSON lines first (the latency-critical reader), then lines or the
-    dashboard."""
+    dashboard. JSON lines on a terminal leave no room for the dashboard: plain lines go to
+    stderr instead."""
     sinks: list[Sink] = []
     if options.json:
         sinks.append(display.JsonLines())
-    if options.ui == "lines":
-        sinks.append(display.TextLog(bars=not options.json))
+    if options.ui == "lines" or (options.json and sys.stdout.isatty()):
+        sinks.append(display.TextLog(bars=not options.json, utc=options.utc))
     elif options.ui == "dashboard":
-        sinks.append(display.Dashboard(symbols, timeframe_name(timeframes[0])))
+        sinks.append(display.Dashboard(symbols, timeframe_name(timeframes[0]), utc=options.utc))
     return sinks
 
 
@@ -198,12 +228,15 @@ def _source(
         return FeedClient(demo.url, "demo", pairs, channels)
     if feed == "polygon" or feed.startswith(("ws://", "wss://")):
         url = settings.ws_url if feed == "polygon" else check_url("--feed", feed, ("ws", "wss"))
-        if not settings.api_key:
+        key = settings.api_key
+        if not key and urlsplit(url).hostname in LOOPBACK:
+            key = LOOPBACK_KEY  # a local feed such as `polystream simulate` takes any key
+        if not key:
             raise ConfigError(
-                "No API key: set POLYGON_API_KEY (or MASSIVE_API_KEY) in the environment or "
-                ".env, or try the built-in feed with `polystream demo`."
+                f"No API key for the feed at {url}: set POLYGON_API_KEY (or MASSIVE_API_KEY) "
+                "in the environment or .env, or try the built-in feed with `polystream demo`."
             )
-        return FeedClient(url, settings.api_key, pairs, channels, options=FeedOptions())
+        return FeedClient(url, key, pairs, channels, options=FeedOptions())
     path = Path(feed)
     if not path.exists():
         raise ConfigError(
@@ -412,8 +445,9 @@ def backfill(
             f"fetched {sum(rows.values()):,} rows; {stats.rows_written:,} new rows stored{waiting}"
         )
     assert output is not None
-    bars = pl.concat(collected).sort("start") if collected else empty(BAR)
-    write_output(bars.select(pl.col("start").alias("time"), *OHLCV), output)
+    # One shape for every file: a symbol column first, even for one symbol.
+    bars = pl.concat(collected).sort("symbol", "start") if collected else empty(BAR)
+    write_output(bars.select("symbol", pl.col("start").alias("time"), *OHLCV), output)
     return f"wrote {bars.height:,} bars to {output}"
 
 
@@ -457,13 +491,14 @@ def replay_filters(
     symbols: Sequence[str] | None = None,
     *,
     params: IndicatorParams | None = None,
+    timeframe: int = 60_000,
 ) -> tuple[list[Alert], int]:
     """Replay a recording through the whole pipeline with `filters` attached: the alerts they
-    would have raised, and how many final bars were built."""
+    would have raised, and how many final bars were built. A bar filter that names no
+    timeframe runs on `timeframe`'s bars, as on a `watch -t` run's first."""
     p = params or IndicatorParams()
-    timeframes = tuple(sorted({f.timeframe or 60_000 for f in filters if f.on == "bar"})) or (
-        60_000,
-    )
+    named = sorted({f.timeframe for f in filters if f.on == "bar" and f.timeframe})
+    timeframes = tuple(dict.fromkeys([timeframe, *named]))
     watched = list(symbols) if symbols else recording_symbols(path)
     collector = _Collector()
     stages = Stages(

@@ -9,6 +9,7 @@ through the decoder, which counts them and logs the first few.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Iterable, Sequence
 from itertools import chain, compress, repeat
@@ -162,6 +163,17 @@ class Batcher:
             chunks[-1].received,
             sum(c.other for c in chunks),
         )
+
+    def seen(self) -> tuple[list[str], list[str]]:
+        """The watched symbols that had events so far, and the other symbols that did."""
+        watched, other = [], []
+        for pair, symbol in self._symbols.items():
+            if symbol is not None:
+                watched.append(symbol)
+            elif pair not in self._invalid:
+                with contextlib.suppress(SymbolError):
+                    other.append(from_pair(pair))
+        return sorted(set(watched)), sorted(set(other))
 
     def symbol(self, pair: str) -> str | None:
         """The watched symbol of a feed pair (`BTC-USD` → `X:BTCUSD`), or None."""

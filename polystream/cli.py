@@ -26,7 +26,7 @@ from .config import (
     parse_duration,
     parse_timeframe,
 )
-from .errors import ConfigError, PolystreamError
+from .errors import PolystreamError, UsageError
 from .filters import shipped_dir
 from .simulator import DemoFeed
 
@@ -82,6 +82,9 @@ RecordOption = Annotated[
     Path | None, typer.Option(help="Record every frame to FILE (.gz/.zst compress).")
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the demo feed.")]
+UtcOption = Annotated[
+    bool, typer.Option("--utc", help="Show times in UTC [default: local time, zone shown].")
+]
 
 
 def _run(options: RunOptions) -> None:
@@ -144,11 +147,12 @@ def watch(
             help="Live: seed the indicators with the latest stored bars first.",
         ),
     ] = True,
+    utc: UtcOption = False,
 ) -> None:
     """Live feed -> bars, indicators, filters and alerts, dashboard, JSON records, storage,
     Telegram, recordings."""
     if bars not in ("trades", "polygon"):
-        raise ConfigError(f"Unknown bar source {bars!r} for --bars: use trades or polygon.")
+        raise UsageError(f"Unknown bar source {bars!r} for --bars: use trades or polygon.")
     _run(
         RunOptions(
             tuple(symbols),
@@ -168,6 +172,7 @@ def watch(
             store=store,
             notify=notify,
             warmup=warmup,
+            utc=utc,
         )
     )
 
@@ -190,6 +195,7 @@ def demo(
     notify: Annotated[
         bool, typer.Option("--notify/--no-notify", help="Send its alerts to Telegram.")
     ] = False,
+    utc: UtcOption = False,
 ) -> None:
     """`watch X:BTCUSD X:ETHUSD --feed demo -t 1s -t 1m`: the whole pipeline, no key, no network."""
     if filters is None:
@@ -207,6 +213,7 @@ def demo(
         filters=filters,
         store=store,
         notify=notify,
+        utc=utc,
     )
 
 
@@ -217,7 +224,7 @@ def _when(text: str, option: str) -> int:
 
     ms = iso_ms(text.strip())
     if ms is None:
-        raise ConfigError(
+        raise UsageError(
             f"Invalid date {text!r} for {option}: write it like 2024-05-29 or 2024-05-29T13:30."
         )
     return ms
@@ -289,16 +296,29 @@ def migrate(
 def analyze(
     file: Annotated[Path, typer.Argument(help="OHLCV bars: CSV or Parquet.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write CSV or Parquet (by suffix).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write CSV or Parquet (by suffix); - for CSV on stdout [default: a table in a "
+            "terminal, CSV into a pipe].",
+        ),
+    ] = None,
+    symbol: Annotated[
+        str | None,
+        typer.Option(help="Keep only this symbol of a file with a symbol column, e.g. X:BTCUSD."),
     ] = None,
 ) -> None:
     """Offline: OHLCV bars from a file -> the same indicator columns as `watch`."""
     from . import analyze as offline
 
     _settings()
-    frame = offline.analyze(file)
-    if output is None:
+    frame = offline.analyze(file, symbol=symbol)
+    if output is None and sys.stdout.isatty():
         display.print_frame(frame, title=str(file))
+    elif output is None or str(output) == "-":
+        sys.stdout.write(frame.write_csv())  # every row, for the next program in the pipe
+        sys.stdout.flush()
     else:
         offline.write_output(frame, output)
         display.stderr_console.print(f"wrote {frame.height:,} bars to {output}")
@@ -370,9 +390,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         code = 130
     except PolystreamError as exc:
-        if _debug:
-            traceback.print_exc()
-        display.details(exc.details)
-        display.error(str(exc))
         code = exc.exit_code
+        if code:  # not a quiet end, such as the reader of the output going away
+            if _debug:
+                traceback.print_exc()
+            display.details(exc.details)
+            display.error(str(exc))
     sys.exit(code if isinstance(code, int) else 0)

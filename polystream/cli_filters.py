@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from . import display
-from .config import load_settings
+from .config import TIMEFRAMES, load_settings, parse_timeframe, timeframe_name
 from .errors import ConfigError, PolystreamError
 from .filters import (
     FilterError,
@@ -224,13 +224,27 @@ def test(
     bars: Annotated[Path | None, typer.Option(help="OHLCV bars (CSV or Parquet).")] = None,
     replay: Annotated[Path | None, typer.Option(help="A recording to replay.")] = None,
     symbol: Annotated[
-        str | None, typer.Option(help="Symbol the --bars file holds [default: the filter's].")
+        str | None,
+        typer.Option(
+            help="Test only this symbol of a --bars file with a symbol column or of a "
+            "recording; for a --bars file without one, the symbol it holds "
+            "[default: every symbol; the filter's first for such a file]."
+        ),
     ] = None,
+    timeframe: Annotated[
+        str,
+        typer.Option(
+            "--timeframe",
+            "-t",
+            help="With --replay: the bars a filter without its own timeframe runs on "
+            f"({' '.join(TIMEFRAMES)}).",
+        ),
+    ] = "1m",
     json_out: Annotated[bool, typer.Option("--json", help="Alert records as JSON lines.")] = False,
     filters: DirOption = None,
 ) -> None:
     """When a filter would have fired: on a bar file (bar filters) or a recording (any)."""
-    from .analyze import read_bars
+    from .analyze import file_symbols, read_bars
     from .app import replay_filters
     from .symbols import normalize
 
@@ -243,13 +257,25 @@ def test(
                 f"{f.name} runs on {f.on}s, which a bar file does not have; test it with --replay."
             )
         label = normalize(symbol) if symbol else (f.symbols[0] if f.symbols else "X:BTCUSD")
-        alerts, records = run_on_bars(f, read_bars(bars), label)
+        frame = read_bars(bars, symbol)
+        alerts, records = run_on_bars(f, frame, label)
         summary = f"{f.name} fired {len(alerts)} times on {records.height:,} bars of {bars}"
+        held = file_symbols(frame)
+        if len(held) > 1:
+            counts = ", ".join(f"{s} {sum(a.symbol == s for a in alerts)}" for s in held)
+            summary += f" ({counts})"
+        ignored = [s for s in held if f.symbols and s not in f.symbols]
+        if ignored:
+            summary += f"; {f.name} watches only {', '.join(f.symbols)}"
     else:
         assert replay is not None
         watched = [normalize(symbol)] if symbol else (list(f.symbols) or None)
-        alerts, final = replay_filters(replay, [f], watched)
-        summary = f"{f.name} fired {len(alerts)} times replaying {replay} ({final:,} bars)"
+        tf = f.timeframe or parse_timeframe(timeframe)
+        alerts, final = replay_filters(replay, [f], watched, timeframe=tf)
+        summary = (
+            f"{f.name} fired {len(alerts)} times replaying {replay} "
+            f"({final:,} {timeframe_name(tf)} bars)"
+        )
     if json_out:
         out = display.JsonLines()
         for a in alerts:

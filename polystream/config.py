@@ -6,6 +6,7 @@ Secrets are never shown whole: `redact` and `Redactor` turn them into `abc…xyz
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import os
@@ -16,8 +17,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 DEFAULT_WS_URL = "wss://socket.massive.com/crypto"
 DEFAULT_REST_URL = "https://api.massive.com"
@@ -42,12 +44,20 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+def _bad(setting: str, sentence: str) -> ConfigError:
+    """An option's bad value is bad usage (exit 2); a setting's, a configuration error."""
+    return UsageError(sentence) if setting.startswith("-") else ConfigError(sentence)
+
+
 def parse_timeframe(text: str, setting: str = "--timeframe") -> int:
     """Return the timeframe's length in milliseconds."""
-    value = text.strip().lower()
+    value = text.strip()
+    if value.endswith("M"):  # a month to some, a minute to others: neither is guessed
+        raise _bad(setting, f"Unknown timeframe {text!r} for {setting}: write 1m for a minute.")
+    value = value.lower()
     if value not in TIMEFRAMES:
-        raise ConfigError(
-            f"Unknown timeframe {text!r} for {setting}: use one of {' '.join(TIMEFRAMES)}."
+        raise _bad(
+            setting, f"Unknown timeframe {text!r} for {setting}: use one of {' '.join(TIMEFRAMES)}."
         )
     return TIMEFRAMES[value]
 
@@ -64,7 +74,8 @@ def parse_duration(text: str, setting: str) -> float:
     """Seconds from `90`, `30s`, `5m`, `1h`, `1d` or `250ms`."""
     m = _DURATION.match(text)
     if not m:
-        raise ConfigError(f"Invalid duration {text!r} for {setting}: write it like 30s, 5m or 1h.")
+        sentence = f"Invalid duration {text!r} for {setting}: write it like 30s, 5m or 1h."
+        raise _bad(setting, sentence)
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
@@ -73,7 +84,7 @@ def parse_channels(text: str) -> tuple[str, ...]:
     items = tuple(dict.fromkeys(c.strip().upper() for c in text.split(",") if c.strip()))
     bad = [c for c in items if c not in CHANNELS]
     if bad or not items:
-        raise ConfigError(
+        raise UsageError(
             f"Unknown channel {', '.join(bad) or repr(text)} for --channels: "
             f"use a comma-separated list of {','.join(CHANNELS)}."
         )
@@ -267,7 +278,7 @@ def load_settings(
     """Merge flags (`overrides`, keyed by variable name) > environment > `.env` > defaults."""
     merged: dict[str, str] = {}
     if env_file is not None and env_file.is_file():
-        merged.update({k: v for k, v in dotenv_values(env_file).items() if v})
+        merged.update({k: v for k, v in _read_env_file(env_file).items() if v})
     env = os.environ if environ is None else environ
     merged.update({k: env[k] for k in ENV_VARS if env.get(k)})
     merged.update({k: v for k, v in (overrides or {}).items() if v})
@@ -314,5 +325,42 @@ def load_settings(
             example=DEFAULT_TELEGRAM_API_URL,
         ),
         filters_dir=Path(merged.get("POLYSTREAM_FILTERS_DIR", str(defaults.filters_dir))),
-        state_dir=Path(merged.get("POLYSTREAM_STATE_DIR", str(defaults.state_dir))),
+        state_dir=_state_dir(Path(merged.get("POLYSTREAM_STATE_DIR", str(defaults.state_dir)))),
     )
+
+
+def _state_dir(path: Path) -> Path:
+    """The state directory, refused at once when it can never be one (it is created on use)."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(
+            f"POLYSTREAM_STATE_DIR {path} cannot be a directory: {existing} is a file."
+        )
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"POLYSTREAM_STATE_DIR {path} cannot be written: {existing} does not allow it."
+        )
+    return path
+
+
+_warned: set[tuple[str, int, int]] = set()
+
+
+def _read_env_file(path: Path) -> dict[str, str | None]:
+    """The variables of a `.env` file; a line that is not NAME=value is reported (once per
+    version of the file) with the file and line, and ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        stamp = path.stat()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}.") from None
+    key = (str(path.resolve()), stamp.st_mtime_ns, stamp.st_size)
+    if key not in _warned:
+        _warned.add(key)
+        for binding in parse_stream(io.StringIO(text)):
+            if binding.error:
+                logging.getLogger(__name__).warning(
+                    "%s line %d is not NAME=value and was ignored", path, binding.original.line
+                )
+    logging.getLogger("dotenv.main").setLevel(logging.ERROR)  # reported above, once
+    return dotenv_values(stream=io.StringIO(text))

@@ -4,16 +4,20 @@ stdout. The only module that touches rich.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import msgspec
 import polars as pl
-from rich.console import Console, Group
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.panel import Panel
@@ -21,9 +25,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import RedactingFilter, Redactor
+from .errors import OutputClosed
 from .schema import SIDE_BUY, SIDE_SELL, Alert, Notice
 from .sinks import BaseSink, FeedState, Output, View
-from .view import Board, SymbolState
+from .view import RECENT_CLOSES, Board, SymbolState
 
 stderr_console = Console(stderr=True, highlight=False)
 
@@ -51,6 +56,8 @@ _NOTICE_STYLE = {
     "store_pending": "yellow",
     "filter_error": "bold red",
     "filter_waiting": "yellow",
+    "no_filters": "yellow",
+    "no_events": "yellow",
     "filter_added": "cyan",
     "filter_changed": "cyan",
     "filter_removed": "cyan",
@@ -58,26 +65,48 @@ _NOTICE_STYLE = {
 _SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
 
 
-def _alert_parts(alert: Alert) -> tuple[str, str, str, str]:
-    """Time, severity, filter, and symbol (with timeframe) with the message, as shown."""
-    stamp = time.strftime("%H:%M:%S", time.gmtime(alert.time / 1000))
-    where = f"{alert.symbol} {alert.timeframe}" if alert.timeframe else alert.symbol
-    return f"{stamp} ", f"{alert.severity:<8}", f" {alert.filter} ", f"{where}: {alert.message}"
+def clock_text(ms: int, utc: bool = True) -> str:
+    """A time of day (HH:MM:SS) in UTC, or in local time."""
+    seconds = ms / 1000
+    return time.strftime("%H:%M:%S", time.gmtime(seconds) if utc else time.localtime(seconds))
 
 
-def alert_line(alert: Alert) -> Text:
-    """One alert as a line: time, severity, filter, symbol (and timeframe), message."""
-    stamp, severity, name, rest = _alert_parts(alert)
+def zone_name(ms: int, utc: bool = True) -> str:
+    """The zone `clock_text` shows `ms` in: UTC, or the local zone's abbreviation then."""
+    if utc:
+        return "UTC"
+    local = time.localtime(ms / 1000)
+    return local.tm_zone or time.strftime("UTC%z", local)
+
+
+def _alert_parts(alert: Alert, utc: bool = True) -> tuple[str, str, str, str]:
+    """Time, severity, filter, and symbol (with timeframe) with the message, as shown; the
+    symbol is left out when the message names it already."""
+    stamp = clock_text(alert.time, utc)
+    symbol = "" if alert.symbol in alert.message else alert.symbol
+    where = " ".join(p for p in (symbol, alert.timeframe) if p)
+    rest = f"{where}: {alert.message}" if where else alert.message
+    return f"{stamp} ", f"{alert.severity:<8}", f" {alert.filter} ", rest
+
+
+def alert_line(alert: Alert, utc: bool = True, severity: bool = True) -> Text:
+    """One alert as a line: time, severity, filter, symbol (and timeframe), message; without
+    `severity` the filter's name takes the severity's colour instead of the word."""
+    stamp, level, name, rest = _alert_parts(alert, utc)
+    style = _SEVERITY_STYLE.get(alert.severity, "")
     text = Text(stamp)
-    text.append(severity, style=_SEVERITY_STYLE.get(alert.severity, ""))
-    text.append(name, style="bold")
+    if severity:
+        text.append(level, style=style)
+        text.append(name, style="bold")
+    else:
+        text.append(name.lstrip(), style=f"bold {style}")
     text.append(rest)
     return text
 
 
-def alert_text(alert: Alert) -> str:
+def alert_text(alert: Alert, utc: bool = True) -> str:
     """`alert_line` without styles, for plain lines."""
-    return "".join(_alert_parts(alert))
+    return "".join(_alert_parts(alert, utc))
 
 
 def _to_console(alerts: Iterable[Alert]) -> list[Alert]:
@@ -86,12 +115,17 @@ def _to_console(alerts: Iterable[Alert]) -> list[Alert]:
 
 def setup_logging(redactor: Redactor, debug: bool = False) -> None:
     """Send library logs to stderr through rich, with every known secret redacted."""
-    handler = RichHandler(console=stderr_console, show_path=debug, rich_tracebacks=debug)
+    handler = RichHandler(
+        console=stderr_console,
+        show_path=debug,
+        rich_tracebacks=debug,
+        log_time_format="%H:%M:%S",  # as the status lines show time
+    )
     handler.addFilter(RedactingFilter(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    for noisy in ("websockets", "websocket"):
+    for noisy in ("websockets", "websocket", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.CRITICAL)
 
 
@@ -148,14 +182,6 @@ def _signed(value: float | None) -> Text:
     return Text(f"{value:+.4g}", style="green" if value > 0 else "red" if value < 0 else "")
 
 
-# Below this many columns the tables drop their least telling columns instead of squeezing all.
-_WIDE = 120
-
-
-def _drop_columns(table: Table, names: set[str]) -> None:
-    table.columns[:] = [c for c in table.columns if c.header not in names]
-
-
 def _signed_share(value: float | None) -> Text:
     """An imbalance in [-1, 1] as a signed percentage: positive leans to the bid (buyers)."""
     if value is None:
@@ -177,11 +203,11 @@ def _percent_b(bar: dict[str, object]) -> float | None:
     return 0.5 if upper == lower else (close - lower) / (upper - lower)
 
 
-def bar_line(row: tuple[Any, ...]) -> str:
+def bar_line(row: tuple[Any, ...], utc: bool = True) -> str:
     """One bar as a plain line for `--no-ui`: (start, symbol, timeframe, state, close, volume,
     trades, rsi)."""
     start, symbol, timeframe, state, close, volume, trades, rsi = row
-    stamp = time.strftime("%H:%M:%S", time.gmtime(start / 1000))
+    stamp = clock_text(start, utc)
     rsi_text = f"{rsi:.1f}" if rsi is not None else "…"
     return (
         f"{stamp} {symbol} {timeframe} {state}: close {fmt_price(close)} volume "
@@ -189,14 +215,18 @@ def bar_line(row: tuple[Any, ...]) -> str:
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _summary(feed: FeedState) -> str:
     f = feed
     summary = (
         f"{f.events:,} events in {f.frames:,} frames; {f.rejected} rejected, "
-        f"{f.malformed_frames} malformed frames; {f.reconnects} reconnects; {f.gaps} gaps; "
-        f"{f.bars} bars, {f.revised} revised, {f.too_late} trades too late"
+        f"{f.malformed_frames} malformed frames; {_count(f.reconnects, 'reconnect')}; "
+        f"{_count(f.gaps, 'gap')}; {f.bars} bars, {f.revised} revised, {f.too_late} trades too late"
         + (f", {f.ahead} ahead of the feed's clock" if f.ahead else "")
-        + f"; {f.alerts} alerts from {f.filters} filters"
+        + f"; {_count(f.alerts, 'alert')} from {_count(f.filters, 'filter')}"
     )
     if f.sinks:
         summary += "; " + ", ".join(f"{k} {v:,}" for k, v in f.sinks.items())
@@ -212,11 +242,11 @@ class JsonLines(BaseSink):
     def __init__(self, out: IO[bytes] | None = None) -> None:
         self._out = out or sys.stdout.buffer
         self._encode = msgspec.json.Encoder().encode
+        self._closed = False
 
     def record(self, record: dict[str, object]) -> None:
         """One record on its own line, at once."""
-        self._out.write(self._encode(record) + b"\n")
-        self._out.flush()
+        self._emit(self._encode(record) + b"\n")
 
     def write(self, out: Output) -> None:
         encode = self._encode
@@ -231,12 +261,25 @@ class JsonLines(BaseSink):
         lines += [encode(a.record()) for a in out.alerts]
         if lines:
             # one write and one flush per output: each line is out as soon as it is made
-            self._out.write(b"\n".join(lines) + b"\n")
-            self._out.flush()
+            self._emit(b"\n".join(lines) + b"\n")
 
     def close(self, view: View) -> Sequence[Notice]:
-        self._out.flush()
+        self._emit(b"")
         return ()
+
+    def _emit(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            self._out.write(data)
+            self._out.flush()
+        except BrokenPipeError:
+            # The reader left (`| head`): the run ends in order; what is still buffered for
+            # the closed pipe must not fail again as the interpreter exits.
+            self._closed = True
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
+            raise OutputClosed("The reader of the JSON output has gone.") from None
 
 
 class TextLog(BaseSink):
@@ -253,9 +296,11 @@ class TextLog(BaseSink):
         bars: bool = True,
         every: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        utc: bool = False,
     ) -> None:
         self._console = console
         self._bars = bars
+        self._utc = utc
         self._every = every
         self._clock = clock
         self._next = clock() + every
@@ -264,12 +309,9 @@ class TextLog(BaseSink):
 
     def write(self, out: Output) -> None:
         for notice in out.notices:
-            stamp = time.strftime("%H:%M:%S", time.gmtime(notice.time / 1000))
+            stamp = clock_text(notice.time, self._utc)
             style = _NOTICE_STYLE.get(notice.event, "")
-            detail = f" {notice.detail}" if notice.detail else ""
-            self._console.print(
-                Text(f"{stamp} {notice.event}{detail}", style=style), soft_wrap=True
-            )
+            self._console.print(Text(f"{stamp} {notice_text(notice)}", style=style), soft_wrap=True)
         lines: list[str] = []
         records = out.bars
         if records is not None and records.height:
@@ -285,13 +327,13 @@ class TextLog(BaseSink):
                     "trades",
                     pl.col(rsi) if rsi else pl.lit(None, pl.Float64),
                 ).rows()
-                lines += map(bar_line, rows)
+                lines += [bar_line(row, self._utc) for row in rows]
             else:
                 counts = records.group_by("timeframe", "state").len().rows()
                 for tf, state, n in counts:
                     self._counts[(tf, state)] = self._counts.get((tf, state), 0) + n
                 self._latest = max(self._latest, int(records["start"].max()))  # type: ignore[arg-type]
-        lines += [alert_text(a) for a in _to_console(out.alerts)]
+        lines += [alert_text(a, self._utc) for a in _to_console(out.alerts)]
         if lines:
             self._console.file.write("\n".join(lines) + "\n")
             self._console.file.flush()
@@ -312,16 +354,115 @@ class TextLog(BaseSink):
         """The bars made since the last count, per timeframe and state."""
         parts = [f"{n:,} {tf} {state}" for (tf, state), n in sorted(self._counts.items())]
         self._counts = {}
-        upto = time.strftime("%H:%M:%S", time.gmtime(self._latest / 1000))
+        upto = clock_text(self._latest, self._utc)
         self._console.print(f"bars: {', '.join(parts)} (up to {upto})", soft_wrap=True)
 
 
+# Alert lines shown at most, and status lines at most, however tall the screen.
 _ALERT_LINES = 8
+_NOTICE_LINES = 6
+# Below this many columns alert lines leave out the severity word (its colour stays).
+_WIDE = 100
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """One block character per value, from ▁ (the lowest) to █ (the highest)."""
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return _SPARKS[3] * len(values)
+    scale = (len(_SPARKS) - 1) / (hi - lo)
+    return "".join(_SPARKS[round((v - lo) * scale)] for v in values)
+
+
+def _change(value: float | None) -> Text:
+    if value is None:
+        return Text("—", style="dim")
+    return Text(f"{value:+.2%}", style="green" if value > 0 else "red" if value < 0 else "")
+
+
+class _Column(NamedTuple):
+    """A column and its cells; when the width is short the columns of the highest `rank` go
+    first, all of that rank at once."""
+
+    header: str
+    rank: int
+    cells: list[Text]
+    justify: JustifyMethod = "right"
+    least: int = 0  # the narrowest it may be, so that the tables line up
+
+
+def _text(value: Text | str) -> Text:
+    return value if isinstance(value, Text) else Text(value)
+
+
+def _fit(columns: list[_Column], width: int, gap: int) -> list[_Column]:
+    """The columns that fit in `width` when each is as wide as its widest cell."""
+    widths = [max(c.least, cell_len(c.header), *(t.cell_len for t in c.cells)) for c in columns]
+    kept = list(range(len(columns)))
+    while True:
+        need = sum(widths[i] for i in kept) + gap * (len(kept) - 1)
+        worst = max(columns[i].rank for i in kept)
+        if need <= width or worst == 0:
+            return [columns[i] for i in kept]
+        kept = [i for i in kept if columns[i].rank != worst]
+
+
+def _aligned(tables: list[list[_Column]], width: int, gap: int) -> list[list[_Column]]:
+    """The same columns, as wide, in every table, so that stacked tables line up."""
+    merged = [
+        _Column(c.header, c.rank, [t for cols in tables for t in cols[i].cells], c.justify, c.least)
+        for i, c in enumerate(tables[0])
+    ]
+    kept = {
+        c.header: max(c.least, cell_len(c.header), *(t.cell_len for t in c.cells))
+        for c in _fit(merged, width, gap)
+    }
+    return [[c._replace(least=kept[c.header]) for c in cols if c.header in kept] for cols in tables]
+
+
+def _table(columns: list[_Column], width: int, ruled: bool, title: str | None = None) -> Table:
+    # no outer edge and no padding there; with a rule under the header, a divider of one space
+    gap = 3 if ruled else 2
+    table = Table(
+        title=title,
+        title_style="bold",
+        title_justify="left",
+        box=box.SIMPLE_HEAD if ruled else None,
+        show_edge=False,
+        pad_edge=False,
+        header_style="bold",
+        expand=True,
+    )
+    kept = _fit(columns, width, gap)
+    for c in kept:
+        table.add_column(c.header, justify=c.justify, no_wrap=True, min_width=c.least or None)
+    for row in zip(*(c.cells for c in kept), strict=True):
+        table.add_row(*row)
+    return table
+
+
+def _table_height(rows: int, ruled: bool, title: bool) -> int:
+    return int(title) + 1 + int(ruled) + rows
+
+
+def notice_text(notice: Notice) -> str:
+    """A status record as `event detail`, without a detail that only repeats the event
+    (`connected` rather than `connected Connected Successfully`)."""
+    detail = notice.detail.strip()
+    first, _, rest = detail.partition(" ")
+    if first.lower() == notice.event.lower().replace("_", " "):
+        detail = "" if rest.lower() in ("", "successfully", "success", "ok") else rest
+    return f"{notice.event} {detail}" if detail else notice.event
 
 
 class Dashboard(BaseSink):
-    """The live terminal view: a row per symbol, the main timeframe's bars, recent notices and
-    alerts, and a footer for the feed."""
+    """The live terminal view, fitted to the screen: a row per symbol (price, change and range
+    since the start, a sparkline of the main timeframe's closes, quote), a table per timeframe,
+    the order book, recent notices, recent alerts with a count per filter, and a footer for the
+    feed. Times are local, with the zone shown, or UTC."""
 
     name = "dashboard"
 
@@ -331,11 +472,15 @@ class Dashboard(BaseSink):
         timeframe: str,
         console: Console = stderr_console,
         title: str = "polystream",
+        *,
+        timeframes: Sequence[str] = (),
+        utc: bool = False,
     ) -> None:
-        self.board = Board(symbols, timeframe)
+        self.board = Board(symbols, timeframe, timeframes=timeframes)
         self._console = console
         self._title = title
-        self._notices: deque[Notice] = deque(maxlen=6)
+        self._utc = utc
+        self._notices: deque[Notice] = deque(maxlen=_NOTICE_LINES)
         self._live = Live(console=console, refresh_per_second=4, transient=False)
         self._started = False
 
@@ -356,155 +501,242 @@ class Dashboard(BaseSink):
         return ()
 
     def render(self, view: View) -> Group:
+        """Everything, in at most the console's height: the tables lose their header rules,
+        then the order book, then rows, before the alerts lose their last lines."""
+        width, height = self._console.width, self._console.height
         rows = self.board.rows()
-        table = Table(title=self._title, expand=True, title_style="bold")
-        for name, justify in (
-            ("symbol", "left"),
-            ("last", "right"),
-            ("size", "right"),
-            ("side", "center"),
-            ("bid", "right"),
-            ("ask", "right"),
-            ("spread", "right"),
-            ("imbalance", "right"),
-            ("events/s", "right"),
-            ("age", "right"),
-        ):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
-        for s in rows:
-            table.add_row(
-                Text(s.symbol, style="bold"),
-                fmt_price(s.last_price),
-                fmt_size(s.last_size),
-                _side(s.last_side),
-                fmt_price(s.bid),
-                fmt_price(s.ask),
-                fmt_price(s.spread, s.ask),
-                _signed_share(s.imbalance),
-                f"{s.rate:,.0f}",
-                _age(s, view.now_ms),
-            )
-        bars = self._bar_table(rows, view)
-        if self._console.width < _WIDE:
-            _drop_columns(table, {"size", "imbalance", "age"})
-            _drop_columns(bars, {"bar", "volume", "buy/sell", "AO"})
-        parts: list[Table | Panel | Text] = [table, bars]
+        for tf in view.timeframes:
+            if tf not in self.board.timeframes:
+                self.board.timeframes.append(tf)
+        timeframes = self.board.timeframes
         books = [s for s in rows if s.book is not None]
+        zone = zone_name(view.now_ms, self._utc)
+        header = self._header(view, zone, timeframes)
+        footer = self._footer(view, width)
+        fixed = 1 + len(footer.wrap(self._console, width))
+        shown = _to_console(self.board.alerts)
+        notices = list(self._notices)
+        # what the notices and alerts need at least: a line of notices, a few alert lines
+        least = 2 + max(1, min(len(shown), 4)) + (3 if notices else 0)
+
+        ruled, limit = True, len(rows)
+
+        def tables_height() -> int:
+            n = min(limit, len(rows))
+            total = _table_height(n, ruled, False)
+            total += len(timeframes) * _table_height(n, ruled, True)
+            if books:
+                total += _table_height(min(limit, len(books)), ruled, True)
+            return total
+
+        if fixed + tables_height() + least > height:
+            ruled = False
+        if fixed + tables_height() + least > height:
+            books = []
+        while limit > 1 and fixed + tables_height() + least > height:
+            limit -= 1
+        parts: list[RenderableType] = [header]
+        parts.append(self._symbol_table(rows[:limit], view, width, ruled))
+        shown_rows = rows[:limit]
+        title = f" ({zone})" + (f", {limit} of {len(rows)} symbols" if limit < len(rows) else "")
+        tables = [self._bar_columns(tf, shown_rows, view) for tf in timeframes]
+        for tf, columns in zip(timeframes, _aligned(tables, width, 3 if ruled else 2), strict=True):
+            parts.append(_table(columns, width, ruled, f"{tf} bars{title}"))
         if books:
-            parts.append(self._book_table(books))
-        if self._notices:
-            lines = Text()
-            for n in self._notices:
-                stamp = time.strftime("%H:%M:%S", time.gmtime(n.time / 1000))
-                style = _NOTICE_STYLE.get(n.event, "")
-                lines.append(f"{stamp} {n.event} {n.detail}\n", style=style)
-            lines.rstrip()
-            parts.append(Panel(lines, title="feed", title_align="left", border_style="dim"))
-        shown = _to_console(self.board.alerts)[-_ALERT_LINES:]
-        if shown:
-            alert_lines = Text()
-            for a in shown:
-                alert_lines.append_text(alert_line(a))
-                alert_lines.append("\n")
-            alert_lines.rstrip()
-            parts.append(
-                Panel(alert_lines, title="alerts", title_align="left", border_style="yellow")
-            )
-        parts.append(self._footer(view))
+            parts.append(self._book_table(books[:limit], width, ruled))
+        room = height - fixed - tables_height() - (2 if notices else 0) - 2
+        feed_lines = min(len(notices), max(1, room // 4)) if notices else 0
+        alert_lines = max(1, min(len(shown), _ALERT_LINES, room - feed_lines))
+        feed_lines = max(feed_lines, min(len(notices), room - alert_lines))
+        if notices:
+            parts.append(self._feed_panel(notices[-feed_lines:], width))
+        parts.append(self._alert_panel(shown[-alert_lines:] if shown else [], width))
+        parts.append(footer)
         return Group(*parts)
 
-    def _bar_table(self, rows: list[SymbolState], view: View) -> Table:
-        table = Table(expand=True, title=f"{self.board.timeframe} bars", title_style="bold")
-        for name in (
-            "symbol",
-            "bar",
-            "close",
-            "volume",
-            "buy/sell",
-            "RSI",
-            "%K",
-            "%D",
-            "MACD hist",
-            "AO",
-            "CCI",
-            "BB %B",
-            "state",
-        ):
-            table.add_column(
-                name, justify="left" if name in ("symbol", "bar", "state") else "right"
-            )
-        for s in rows:
-            b = s.bar
-            if b is None:
-                table.add_row(
-                    Text(s.symbol, style="bold"),
-                    *(["—"] * 11),
-                    Text("waiting for the first bar", style="dim"),
-                )
-                continue
-            rsi = b.get(next((k for k in b if k.startswith("rsi_")), ""), None)
-            cci = b.get(next((k for k in b if k.startswith("cci_")), ""), None)
-            keys = list(b)
-            warming = any(b[k] is None for k in keys[keys.index("state") + 1 :])
-            state = (
-                Text(f"warming {s.bars}/{view.warmup}", style="yellow")
-                if warming
-                else Text(b["state"], style="dim" if b["state"] == "final" else "cyan")
-            )
-            table.add_row(
-                Text(s.symbol, style="bold"),
-                time.strftime("%H:%M:%S", time.gmtime(b["start"] / 1000)),
-                fmt_price(b["close"]),
-                fmt_size(b["volume"]),
-                _flow(b.get("buy_volume"), b.get("sell_volume")),
-                _level(rsi, 30, 70),
-                _level(b.get("stoch_k"), 20, 80),
-                _level(b.get("stoch_d"), 20, 80),
-                _signed(b.get("macd_hist")),
-                _signed(b.get("ao")),
-                _level(cci, -100, 100),
-                _level(_percent_b(b), 0, 1, digits=2),
-                state,
-            )
-        return table
+    def _header(self, view: View, zone: str, timeframes: list[str]) -> Text:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(f" {self._title} ", style="bold reverse")
+        text.append(f"  {clock_text(view.now_ms, self._utc)} {zone}", style="bold")
+        text.append(f"  bars {' '.join(timeframes)}", style="dim")
+        return text
 
-    def _book_table(self, symbols: list[SymbolState]) -> Table:
-        table = Table(expand=True, title="order book", title_style="bold")
-        for name in (
-            "symbol",
-            "depth imbalance",
-            "bid depth",
-            "ask depth",
-            "supports",
-            "resistances",
-        ):
-            table.add_column(name, justify="left" if name == "symbol" else "right")
-        for s in symbols:
-            b = s.book
-            assert b is not None
-            table.add_row(
-                Text(s.symbol, style="bold"),
-                _signed_share(b.depth_imbalance),
-                fmt_size(b.bid_depth),
-                fmt_size(b.ask_depth),
-                Text(" ".join(fmt_price(p, b.mid) for p in b.supports), style="green"),
-                Text(" ".join(fmt_price(p, b.mid) for p in b.resistances), style="red"),
-            )
-        return table
+    def _symbol_table(self, rows: list[SymbolState], view: View, width: int, ruled: bool) -> Table:
+        main = self.board.timeframe
+        columns = [
+            _Column("symbol", 0, [Text(s.symbol, style="bold") for s in rows], "left"),
+            _Column("last", 0, [_text(fmt_price(s.last_price)) for s in rows]),
+            _Column("change", 1, [_change(s.change) for s in rows]),
+            _Column(
+                f"{main} closes",
+                2,
+                [Text(sparkline(s.closes)) for s in rows],
+                "left",
+                RECENT_CLOSES,
+            ),
+            _Column("low", 3, [_text(fmt_price(s.low)) for s in rows]),
+            _Column("high", 3, [_text(fmt_price(s.high)) for s in rows]),
+            _Column("events/s", 4, [Text(f"{s.rate:,.0f}") for s in rows]),
+            _Column("bid", 5, [_text(fmt_price(s.bid)) for s in rows]),
+            _Column("ask", 5, [_text(fmt_price(s.ask)) for s in rows]),
+            _Column("spread", 6, [_text(fmt_price(s.spread, s.ask)) for s in rows]),
+            _Column("imbalance", 7, [_signed_share(s.imbalance) for s in rows]),
+            _Column("age", 8, [Text(_age(s, view.now_ms)) for s in rows]),
+            _Column("size", 9, [_text(fmt_size(s.last_size)) for s in rows]),
+            _Column("side", 9, [_side(s.last_side) for s in rows], "center"),
+        ]
+        return _table(columns, width, ruled)
 
-    def _footer(self, view: View) -> Text:
+    def _bar_columns(self, timeframe: str, shown: list[SymbolState], view: View) -> list[_Column]:
+        cells: dict[str, list[Text]] = {}
+        for s in shown:
+            series = s.of(timeframe)
+            for name, value in self._bar_cells(series.bar, series.count, view).items():
+                cells.setdefault(name, []).append(value)
+            cells.setdefault("trend", []).append(Text(sparkline(series.closes)))
+        return [
+            _Column("symbol", 0, [Text(s.symbol, style="bold") for s in shown], "left"),
+            _Column("start", 5, cells["start"], "left"),
+            _Column("close", 0, cells["close"]),
+            _Column("volume", 10, cells["volume"]),
+            _Column("buy/sell", 8, cells["buy/sell"]),
+            _Column("RSI", 1, cells["RSI"]),
+            _Column("%K", 3, cells["%K"]),
+            _Column("%D", 7, cells["%D"]),
+            _Column("MACD hist", 3, cells["MACD hist"]),
+            _Column("AO", 9, cells["AO"]),
+            _Column("CCI", 2, cells["CCI"]),
+            _Column("BB %B", 4, cells["BB %B"]),
+            _Column("trend", 6, cells["trend"], "left", RECENT_CLOSES),
+            _Column("state", 1, cells["state"], "left"),
+        ]
+
+    def _bar_cells(self, b: dict[str, Any] | None, count: int, view: View) -> dict[str, Text]:
+        if b is None:
+            none = Text("—", style="dim")
+            names = ("start", "close", "volume", "buy/sell", "RSI", "%K", "%D", "MACD hist")
+            return {
+                **dict.fromkeys((*names, "AO", "CCI", "BB %B"), none),
+                "state": Text("no bar yet", style="dim"),
+            }
+        rsi = b.get(next((k for k in b if k.startswith("rsi_")), ""), None)
+        cci = b.get(next((k for k in b if k.startswith("cci_")), ""), None)
+        keys = list(b)
+        warming = any(b[k] is None for k in keys[keys.index("state") + 1 :])
+        state = (
+            Text(f"warming {count}/{view.warmup}", style="yellow")
+            if warming
+            else Text(b["state"], style="dim" if b["state"] == "final" else "cyan")
+        )
+        return {
+            "start": Text(clock_text(b["start"], self._utc)),
+            "close": Text(fmt_price(b["close"])),
+            "volume": Text(fmt_size(b["volume"])),
+            "buy/sell": _flow(b.get("buy_volume"), b.get("sell_volume")),
+            "RSI": _level(rsi, 30, 70),
+            "%K": _level(b.get("stoch_k"), 20, 80),
+            "%D": _level(b.get("stoch_d"), 20, 80),
+            "MACD hist": _signed(b.get("macd_hist")),
+            "AO": _signed(b.get("ao")),
+            "CCI": _level(cci, -100, 100),
+            "BB %B": _level(_percent_b(b), 0, 1, digits=2),
+            "state": state,
+        }
+
+    def _book_table(self, symbols: list[SymbolState], width: int, ruled: bool) -> Table:
+        books = [s.book for s in symbols if s.book is not None]
+        columns = [
+            _Column("symbol", 0, [Text(s.symbol, style="bold") for s in symbols], "left"),
+            _Column("depth imbalance", 0, [_signed_share(b.depth_imbalance) for b in books]),
+            _Column("bid depth", 2, [_text(fmt_size(b.bid_depth)) for b in books]),
+            _Column("ask depth", 2, [_text(fmt_size(b.ask_depth)) for b in books]),
+            _Column(
+                "supports",
+                1,
+                [Text(" ".join(fmt_price(p, b.mid) for p in b.supports), "green") for b in books],
+            ),
+            _Column(
+                "resistances",
+                1,
+                [Text(" ".join(fmt_price(p, b.mid) for p in b.resistances), "red") for b in books],
+            ),
+        ]
+        return _table(columns, width, ruled, "order book")
+
+    def _feed_panel(self, notices: list[Notice], width: int) -> Panel:
+        lines = Text(no_wrap=True, overflow="ellipsis")
+        for n in notices:
+            style = _NOTICE_STYLE.get(n.event, "")
+            lines.append(f"{clock_text(n.time, self._utc)} {notice_text(n)}\n", style=style)
+        lines.rstrip()
+        return Panel(lines, title="feed", title_align="left", border_style="dim", width=width)
+
+    def _alert_panel(self, alerts: list[Alert], width: int) -> Panel:
+        lines = Text(no_wrap=True, overflow="ellipsis")
+        for a in alerts:
+            lines.append_text(alert_line(a, utc=self._utc, severity=width >= _WIDE))
+            lines.append("\n")
+        lines.rstrip()
+        if not alerts:
+            lines.append("none yet", style="dim")
+        return Panel(
+            lines,
+            title=self._alert_title(width - 6),
+            title_align="left",
+            border_style="yellow",
+            width=width,
+        )
+
+    def _alert_title(self, room: int) -> Text:
+        """`alerts` and how many each filter fired, the most active first, as many as fit."""
+        fired = self.board.fired
+        title = Text("alerts", style="bold")
+        ranked = fired.most_common()
+        for k, (name, n) in enumerate(ranked):
+            part = f" · {name} {n:,}"
+            rest = len(ranked) - k - 1
+            more = f" · +{rest} more" if rest else ""
+            if title.cell_len + len(part) + len(more) > room:
+                title.append(f" · +{len(ranked) - k} more", style="dim")
+                break
+            title.append(part)
+        return title
+
+    def _footer(self, view: View, width: int) -> Text:
+        """The feed's state and counters, broken between counters to fit `width`."""
         f = view.feed
+        wide = width >= _WIDE
+        counters = [
+            ("reconnects", f.reconnects),
+            ("lag", f"{f.lag_ms} ms"),
+            ("queue", f"{f.queue_depth}/{f.queue_size}" if wide or f.queue_depth else 0),
+            ("events", f"{f.events:,}"),
+            ("rejected", f.rejected + f.malformed_frames),
+            ("gaps", f.gaps),
+            ("bars", f"{f.bars:,}"),
+            ("revised", f.revised),
+            ("late", f.too_late),
+            ("ahead", f.ahead),
+            ("filters", f.filters),
+            ("alerts", f"{f.alerts:,}"),
+        ]
+        # a narrow footer leaves out the counters that are still zero
+        pieces = [
+            f"{k} {v}"
+            for k, v in counters
+            if v != 0 or k in ("filters", "alerts") or (wide and k != "ahead")
+        ]
+        pieces += [f"{k} {v:,}" for k, v in f.sinks.items()]
         text = Text()
         text.append(f" {f.state} ", style=f"reverse {_STATE_STYLE.get(f.state, '')}")
-        text.append(
-            f"  reconnects {f.reconnects}  lag {f.lag_ms} ms  queue {f.queue_depth}/{f.queue_size}"
-            f"  events {f.events:,}  rejected {f.rejected + f.malformed_frames}  gaps {f.gaps}"
-            f"  bars {f.bars:,}  revised {f.revised}  late {f.too_late}"
-            + (f"  ahead {f.ahead}" if f.ahead else "")
-            + f"  filters {f.filters}  alerts {f.alerts:,}"
-        )
-        if f.sinks:
-            text.append("  " + "  ".join(f"{k} {v:,}" for k, v in f.sinks.items()))
+        used = text.cell_len
+        for piece in pieces:
+            gap = "  "
+            if used + len(gap) + len(piece) > width:
+                text.append("\n")
+                used, gap = 0, " "
+            text.append(gap + piece)
+            used += len(gap) + len(piece)
         if f.drift:
             text.append(f"\n drift vs trade-built bars: {f.drift}", style="dim")
         return text

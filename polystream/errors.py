@@ -18,6 +18,13 @@ class ConfigError(PolystreamError):
     """A setting, flag or environment variable has a value polystream cannot use."""
 
 
+class UsageError(ConfigError):
+    """A command-line option has a value polystream cannot use: bad usage, like an unknown
+    option."""
+
+    exit_code = 2
+
+
 class SymbolError(ConfigError):
     """A symbol is written in a form polystream does not recognise."""
 
@@ -32,3 +39,9 @@ class AuthFailed(FeedError):
 
 class RecordingError(PolystreamError):
     """A recording file cannot be read or written."""
+
+
+class OutputClosed(PolystreamError):
+    """The reader of the output went away (`| head`): the run ends quietly, as a success."""
+
+    exit_code = 0

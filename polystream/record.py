@@ -27,8 +27,17 @@ MAX_LOGGED_BAD_LINES = 5
 _STAMP_DIGITS = len(str(MAX_TIME))
 
 
+# Compressed forms polystream does not read or write: refused rather than taken for plain text.
+_OTHER_COMPRESSION = (".bz2", ".xz", ".lzma", ".lz4", ".br", ".zip", ".7z", ".tgz")
+
+
 def _open(path: Path, mode: str) -> IO[bytes]:
     suffix = path.suffix.lower()
+    if suffix in _OTHER_COMPRESSION:
+        raise RecordingError(
+            f"{path} names {suffix} compression, which recordings do not use: "
+            "end the name in .gz or .zst, or leave it plain."
+        )
     if suffix == ".gz":
         return gzip.open(path, mode + "b")  # type: ignore[return-value]
     if suffix == ".zst":

@@ -169,6 +169,8 @@ class FeedClient(Worker[None]):
         self.state = "idle"
         self.connections = 0
         self.reconnects = 0
+        self.streamed = False  # whether a connection ever got as far as streaming
+        self.last_failure: str | None = None  # why the last connection ended
         self.acked_topics: set[str] = set()
         self.gaps: list[Gap] = []
         self._last_data_ms: int | None = None
@@ -200,10 +202,9 @@ class FeedClient(Worker[None]):
                     raise _Stopped() from None
 
     def _notice(self, event: str, detail: str = "") -> None:
-        if event in ("max_connections", "error", "disconnected"):
-            log.warning("%s: %s", event, detail)
-        else:
-            log.info("%s: %s", event, detail)
+        # The notice reaches the user through the outputs; the log has it for --debug only, so
+        # that each event is shown once.
+        log.info("%s: %s", event, detail)
         self._emit(Notice(event, self._now_ms(), detail))
 
     def run(self) -> None:
@@ -240,6 +241,7 @@ class FeedClient(Worker[None]):
         """Announce a lost connection and the wait before the next one; returns when (monotonic)
         that wait ends, counted from now so that closing the socket is part of it."""
         now = time.monotonic()
+        self.last_failure = reason
         self._notice("disconnected", reason)
         if self.stopping:
             return now
@@ -303,6 +305,7 @@ class FeedClient(Worker[None]):
         self._notice("subscribed", f"{len(self.topics)} topics")
 
         self.state = "streaming"
+        self.streamed = True
         last_frame = last_ping = time.monotonic()
         while not self.stopping:
             now = time.monotonic()

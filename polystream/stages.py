@@ -160,10 +160,16 @@ class Stages:
         yield from self._finished()
 
     def finish(self) -> Iterator[Output]:
-        """The end of a replay: every open bar is final."""
+        """The end of a replay: every open bar is final; symbols it never had are named."""
         yield from self._wait(self._send(BarEngine.finish))
         if self.drift is not None:
             self.drift.finish()
+        seen, other = self.batcher.seen()
+        missing = [s for s in self.symbols if s not in seen]
+        if missing:
+            holds = f"it holds {', '.join(other)}" if other else "it holds no other symbol either"
+            detail = f"no events of {', '.join(missing)} in this replay; {holds}"
+            yield Output(notices=[Notice("no_events", int(time.time() * 1000), detail)])
 
     def partial(self) -> Iterator[Output]:
         """The end of a live run: the open bars as `partial`, nothing final."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import subprocess
@@ -88,11 +89,12 @@ def test_polygon_flat_file_columns(tmp_path: Path) -> None:
         "ticker,volume,open,close,high,low,window_start,transactions\n"
         f"X:BTCUSD,10,1,1.5,2,0.5,{T0 * 1_000_000},7\n"
     )
-    assert read_bars(write(tmp_path, text)).row(0) == (T0, 1.0, 2.0, 0.5, 1.5, 10.0)
+    # the ticker is the symbol column: a flat file holds every symbol of its day
+    assert read_bars(write(tmp_path, text)).row(0) == ("X:BTCUSD", T0, 1.0, 2.0, 0.5, 1.5, 10.0)
 
 
 def test_extra_columns_are_ignored_and_volume_is_optional(tmp_path: Path) -> None:
-    path = write(tmp_path, f"symbol,t,o,h,l,c,vwap\nBTC,{T0},1,2,0.5,1.5,1.2\n")
+    path = write(tmp_path, f"exchange,t,o,h,l,c,vwap\nBTC,{T0},1,2,0.5,1.5,1.2\n")
     bars = read_bars(path)
     assert bars.columns == list(BAR_COLUMNS)
     assert bars.schema["volume"] == pl.Float64
@@ -568,6 +570,19 @@ def test_cli_analyze_writes_the_output(tmp_path: Path, btc_csv: Path) -> None:
     assert pl.read_parquet(out).equals(analyze(btc_csv))
 
 
+@pytest.mark.parametrize("args", [[], ["-o", "-"]])
+def test_cli_analyze_into_a_pipe_is_every_row_as_csv(
+    tmp_path: Path, btc_csv: Path, args: list[str]
+) -> None:
+    # Before: a 40-row table cut to the pipe's width (`417…`), and `-o -` was refused.
+    done = run_cli(tmp_path, "analyze", str(btc_csv), *args)
+    assert done.returncode == 0, done.stderr
+    got = pl.read_csv(io.StringIO(done.stdout))
+    expected = analyze(btc_csv)
+    assert got.height == expected.height > 1000 and got.columns == expected.columns
+    assert got.equals(pl.read_csv(io.StringIO(expected.write_csv())))
+
+
 def test_cli_analyze_bad_file_is_one_sentence(tmp_path: Path) -> None:
     path = bars_csv(tmp_path, [str(T0), "soon"])
     done = run_cli(tmp_path, "analyze", str(path), "-o", str(tmp_path / "out.csv"))
@@ -579,3 +594,140 @@ def test_cli_analyze_bad_file_is_one_sentence(tmp_path: Path) -> None:
         "an epoch time nor an ISO 8601 date and time."
     )
     assert not (tmp_path / "out.csv").exists()
+
+
+# -- several symbols ---------------------------------------------------------------------------
+
+
+def two_symbols(btc_csv: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The shipped BTC bars, and an ETH series over the same times with a path of its own."""
+    btc = pl.read_csv(btc_csv)
+    scale = 1 + 0.01 * ((pl.int_range(pl.len()) % 7) - 3)
+    eth = btc.with_columns((pl.col(c) * 0.05 * scale) for c in ("open", "high", "low", "close"))
+    return btc, eth
+
+
+def multi_csv(tmp_path: Path, btc_csv: Path, header: str = "symbol") -> Path:
+    """Both series in one file, rows interleaved and in no order, symbols in several spellings."""
+    btc, eth = two_symbols(btc_csv)
+    rows = pl.concat(
+        [
+            btc.with_columns(pl.lit("X:BTCUSD").alias(header)),
+            eth.with_columns(
+                pl.when(pl.int_range(pl.len()) % 2 == 0)
+                .then(pl.lit("ETH-USD"))
+                .otherwise(pl.lit("ethusd"))
+                .alias(header)
+            ),
+        ]
+    ).sample(fraction=1.0, shuffle=True, seed=5)
+    path = tmp_path / "multi.csv"
+    rows.select(header, *BAR_COLUMNS).write_csv(path)
+    return path
+
+
+def one_symbol_files(tmp_path: Path, btc_csv: Path) -> dict[str, Path]:
+    btc, eth = two_symbols(btc_csv)
+    files = {"X:BTCUSD": tmp_path / "btc.csv", "X:ETHUSD": tmp_path / "eth.csv"}
+    btc.write_csv(files["X:BTCUSD"])
+    eth.write_csv(files["X:ETHUSD"])
+    return files
+
+
+@pytest.mark.parametrize("header", ["symbol", "Symbol", "TICKER", "pair"])
+def test_a_symbol_column_gives_each_symbol_its_own_indicators(
+    tmp_path: Path, btc_csv: Path, header: str
+) -> None:
+    path = multi_csv(tmp_path, btc_csv, header)
+    result = analyze(path)
+    assert result.columns == ["symbol", *BAR_COLUMNS, *IndicatorParams().columns]
+    assert result["symbol"].unique(maintain_order=True).to_list() == ["X:BTCUSD", "X:ETHUSD"]
+    for symbol, alone in one_symbol_files(tmp_path, btc_csv).items():
+        mine = result.filter(pl.col("symbol") == symbol).drop("symbol")
+        assert mine.equals(analyze(alone)), symbol
+
+
+def test_symbol_picks_one_in_any_spelling(tmp_path: Path, btc_csv: Path) -> None:
+    path = multi_csv(tmp_path, btc_csv)
+    alone = one_symbol_files(tmp_path, btc_csv)
+    for spelling in ("X:ETHUSD", "ETH-USD", "ethusd"):
+        picked = analyze(path, symbol=spelling)
+        assert picked["symbol"].unique().to_list() == ["X:ETHUSD"]
+        assert picked.drop("symbol").equals(analyze(alone["X:ETHUSD"]))
+    assert read_bars(path, "btcusd").drop("symbol").equals(read_bars(alone["X:BTCUSD"]))
+
+
+def test_an_unknown_symbol_names_the_ones_the_file_has(tmp_path: Path, btc_csv: Path) -> None:
+    path = multi_csv(tmp_path, btc_csv)
+    with pytest.raises(AnalyzeError) as info:
+        analyze(path, symbol="SOL-USD")
+    assert str(info.value) == f"{path} has no bars of X:SOLUSD; it holds X:BTCUSD and X:ETHUSD."
+    with pytest.raises(AnalyzeError) as info:
+        analyze(btc_csv, symbol="BTC-USD")
+    assert str(info.value).startswith(f"{btc_csv} has no symbol column to pick X:BTCUSD from")
+
+
+def test_a_file_without_a_symbol_column_is_read_as_before(tmp_path: Path, btc_csv: Path) -> None:
+    assert read_bars(btc_csv).columns == list(BAR_COLUMNS)
+    assert read_bars(btc_csv, "X:ETHUSD").equals(read_bars(btc_csv))
+    assert analyze(btc_csv).columns == [*BAR_COLUMNS, *IndicatorParams().columns]
+
+
+def test_a_time_may_repeat_for_another_symbol_only(tmp_path: Path) -> None:
+    ok = write(
+        tmp_path, f"symbol,{','.join(BAR_COLUMNS)}\nX:BTCUSD,{T0},{BAR}\nETH-USD,{T0},{BAR}\n"
+    )
+    assert read_bars(ok)["symbol"].to_list() == ["X:BTCUSD", "X:ETHUSD"]
+    path = write(
+        tmp_path,
+        f"symbol,{','.join(BAR_COLUMNS)}\nX:BTCUSD,{T0},{BAR}\nETH-USD,{T0},{BAR}\n"
+        f"btc-usd,{T0},{BAR}\n",
+    )
+    assert error_of(path) == (
+        f"Row 3 of {path} repeats the time 2019-03-29T00:00:00Z of X:BTCUSD in row 1."
+    )
+
+
+@pytest.mark.parametrize(
+    ("symbol", "expected"),
+    [
+        ("", "has no symbol in column 'symbol'"),
+        ("BTC??", "has 'BTC??' in column 'symbol', which is not a symbol such as X:BTCUSD"),
+    ],
+)
+def test_symbol_row_errors(tmp_path: Path, symbol: str, expected: str) -> None:
+    path = write(
+        tmp_path, f"symbol,{','.join(BAR_COLUMNS)}\nX:BTCUSD,{T0},{BAR}\n{symbol},{T0},{BAR}\n"
+    )
+    assert error_of(path).startswith(f"Row 2 of {path} {expected}")
+
+
+def test_parquet_with_a_categorical_symbol_column(tmp_path: Path, btc_csv: Path) -> None:
+    frame = pl.read_csv(multi_csv(tmp_path, btc_csv)).with_columns(
+        pl.col("symbol").cast(pl.Categorical)
+    )
+    path = tmp_path / "multi.parquet"
+    frame.write_parquet(path)
+    assert analyze(path).equals(analyze(tmp_path / "multi.csv"))
+
+
+def test_cli_analyze_keeps_the_symbol_column_and_picks_one(tmp_path: Path, btc_csv: Path) -> None:
+    path = multi_csv(tmp_path, btc_csv)
+    out = tmp_path / "out.csv"
+    done = run_cli(tmp_path, "analyze", str(path), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines()[0].startswith("symbol,time,open,high,low,close,volume,")
+    assert pl.read_csv(out)["symbol"].unique().sort().to_list() == ["X:BTCUSD", "X:ETHUSD"]
+    picked = run_cli(tmp_path, "analyze", str(path), "--symbol", "btcusd", "-o", str(out))
+    assert picked.returncode == 0, picked.stderr
+    expected = analyze(btc_csv)
+    back = pl.read_csv(out, schema={"symbol": pl.String, **expected.schema})
+    assert back["symbol"].unique().to_list() == ["X:BTCUSD"]
+    assert back.drop("symbol").equals(expected)
+    unknown = run_cli(tmp_path, "analyze", str(path), "--symbol", "SOL-USD")
+    assert unknown.returncode == 1
+    assert "Traceback" not in unknown.stderr
+    lines = unknown.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"polystream: error: {path} has no bars of X:SOLUSD; it holds X:BTCUSD and X:ETHUSD."
+    )

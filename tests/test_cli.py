@@ -225,9 +225,7 @@ def test_ctrl_c_drains_and_exits_130(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["watch", "X:BTCUSD", "--feed", "demo", "-t", "7m"], ["--timeframe", "7m"]),
         (["watch", "BTC", "--feed", "demo"], ["Unknown symbol form"]),
-        (["watch", "X:BTCUSD", "--feed", "demo", "--channels", "XT,XX"], ["--channels"]),
         (["watch", "X:BTCUSD"], ["POLYGON_API_KEY"]),
         (["watch", "X:BTCUSD", "--feed", "nothing-here.rec"], ["--feed"]),
         (["watch", "X:BTCUSD", "--feed", "ws://"], ["--feed"]),
@@ -245,6 +243,27 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
 def test_bad_usage_exits_2(tmp_path: Path) -> None:
     assert run(tmp_path, "watch", "X:BTCUSD", "--no-such-option").returncode == 2
     assert run(tmp_path, "watch").returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["watch", "X:BTCUSD", "--feed", "demo", "-t", "7m"], ["--timeframe", "7m"]),
+        (["watch", "X:BTCUSD", "--feed", "demo", "-t", "1M"], ["--timeframe", "1m for a minute"]),
+        (["watch", "X:BTCUSD", "--feed", "demo", "--channels", "XT,XZ"], ["--channels", "XZ"]),
+        (["watch", "X:BTCUSD", "--feed", "demo", "--bars", "candles"], ["--bars", "candles"]),
+        (["watch", "X:BTCUSD", "--feed", "demo", "--lateness", "soon"], ["--lateness"]),
+        (["backfill", "X:BTCUSD", "--from", "yesterday", "-o", "x.csv"], ["--from"]),
+        (["backfill", "X:BTCUSD", "--from", "2024-05-01", "-t", "1M", "-o", "x.csv"], ["1m"]),
+    ],
+)
+def test_a_bad_option_value_is_bad_usage(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    # Before: exit 1, as if the user's setup were wrong; and -t 1M quietly meant a minute.
+    result = run(tmp_path, *args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("polystream: error: "), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
 
 
 def test_record_then_replay(tmp_path: Path) -> None:
@@ -429,3 +448,155 @@ def test_migrate_accepts_postgres_and_postgresql_urls(tmp_path: Path, database_u
     assert applied.returncode == 0, applied.stderr
     listed = run(tmp_path, "migrate", "--list", DATABASE_URL=database_url)
     assert listed.returncode == 0, listed.stderr
+
+
+def test_the_closing_summary_counts_in_words(tmp_path: Path) -> None:
+    # Before: "1 alerts from 1 filters".
+    filters = tmp_path / "filters"
+    filters.mkdir()
+    (filters / "first-trade.yaml").write_text(
+        'name: first-trade\nsymbols: ["*"]\non: trade\nwhen: price > 0\ntrigger: edge\n'
+        "message: '{symbol} traded'\n"
+    )
+    recording = tmp_path / "one.tsv"
+    trade = '[{"ev":"XT","pair":"BTC-USD","p":1.5,"t":1700000000000,"s":1,"c":[2],"i":"1","x":1}]'
+    recording.write_text(f"1700000000005\t{trade}\n")
+    result = run(tmp_path, "watch", "X:BTCUSD", "--feed", str(recording), "--no-ui")
+    assert result.returncode == 0, result.stderr
+    assert "0 reconnects; 0 gaps;" in result.stderr
+    assert "1 alert from 1 filter" in result.stderr.splitlines()[-1], result.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
+    # Before: "error The JSON output failed (BrokenPipeError …)" and the run went on.
+    from test_filter_cli import write_recording
+
+    recording = tmp_path / "long.tsv"
+    write_recording(recording, seconds=3_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polystream", "watch", "X:BTCUSD", "--feed", str(recording),
+         "--speed", "50", "--no-ui", "--json", "-t", "1s"],
+        cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # like `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0, err
+    assert "Traceback" not in err and "error" not in err.lower(), err
+    assert "events in" in err  # the summary, after an orderly stop
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_a_run_without_filters_says_so(tmp_path: Path, where: str) -> None:
+    # Before: it ran silently with `filters 0`.
+    from test_filter_cli import write_recording
+
+    recording = tmp_path / "short.tsv"
+    write_recording(recording, seconds=3)
+    directory = tmp_path / "filterz"
+    if where == "empty":
+        directory.mkdir()
+    result = run(tmp_path, "watch", "X:BTCUSD", "--feed", str(recording), "--no-ui", "--json",
+                 "--filters", str(directory))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = [
+        r for r in records(result.stdout) if r["type"] == "status" and r["event"] == "no_filters"
+    ]
+    assert len(said) == 1
+    detail = str(said[0]["detail"])
+    assert str(directory) in detail and "polystream filter add" in detail
+    assert ("does not exist" if where == "missing" else "holds no filter files") in detail
+
+
+def test_json_in_a_terminal_leaves_out_the_dashboard(tmp_path: Path) -> None:
+    # Before: JSON lines and the dashboard were drawn over each other on the same terminal.
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdout and stderr are the terminal
+        os.chdir(tmp_path)
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "polystream", "demo", "--json", "--duration", "3"],
+            env(tmp_path),
+        )
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert '{"type":"bar"' in text  # the JSON lines
+    assert "┏" not in text and "╭" not in text  # no table, no panel
+    assert "events in" in text  # the plain summary on stderr
+
+
+def test_a_loopback_feed_needs_no_api_key(tmp_path: Path) -> None:
+    # Before: "No API key" against `polystream simulate`, which takes any key.
+    from polystream.simulator import DemoFeed
+
+    with DemoFeed(seed=3) as feed:
+        result = run(tmp_path, "watch", "X:BTCUSD", "--feed", feed.url, "--no-ui", "--json",
+                     "--duration", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [r["event"] for r in records(result.stdout) if r["type"] == "status"]
+    assert "authenticated" in events and "subscribed" in events
+    far = run(tmp_path, "watch", "X:BTCUSD", "--feed", "wss://feed.example:443/crypto")
+    assert_one_sentence_error(far, "No API key for the feed at wss://feed.example:443/crypto")
+
+
+def test_a_live_run_that_never_reached_its_feed_is_an_error(tmp_path: Path) -> None:
+    # Before: it ended with exit 0, as if all had gone well.
+    import socket
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    result = run(tmp_path, "watch", "X:BTCUSD", "--feed", f"ws://127.0.0.1:{port}/crypto",
+                 "--no-ui", "--duration", "2")  # fmt: skip
+    assert_one_sentence_error(result, f"The feed at ws://127.0.0.1:{port}/crypto was never reached")
+
+
+def test_a_dropped_connection_is_told_once(tmp_path: Path) -> None:
+    # Before: with --no-ui each drop was a log line and a status line.
+    from polystream.simulator import DemoFeed
+
+    with DemoFeed(seed=5, bar_seconds=0.05) as feed:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "polystream", "watch", "X:BTCUSD", "--feed", feed.url,
+             "--no-ui", "--duration", "4"],
+            cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        time.sleep(2.0)
+        feed.drop_connections()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    told = [line for line in err.splitlines() if "disconnected" in line]
+    assert len(told) == 1, err
+
+
+def test_a_replay_without_a_watched_symbol_says_so(tmp_path: Path) -> None:
+    # Before: 0 bars of it and no word why.
+    from test_filter_cli import write_recording
+
+    recording = tmp_path / "btc.tsv"
+    write_recording(recording, seconds=3)
+    result = run(tmp_path, "watch", "X:BTCUSD", "X:SOLUSD", "--feed", str(recording), "--no-ui",
+                 "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = [
+        r for r in records(result.stdout) if r["type"] == "status" and r["event"] == "no_events"
+    ]
+    assert [r["detail"] for r in said] == [
+        "no events of X:SOLUSD in this replay; it holds no other symbol either"
+    ]
+    whole = run(tmp_path, "watch", "X:BTCUSD", "--feed", str(recording), "--no-ui", "--json")
+    assert "no_events" not in whole.stdout

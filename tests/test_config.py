@@ -260,3 +260,27 @@ def test_display_url_hides_the_password_of_malformed_urls_without_raising(url: s
     shown = display_url(url)
     assert PASSWORD not in shown
     assert shown.split(":…@", 1)[1] == url.split("@", 1)[1]
+
+
+def test_a_bad_dotenv_line_is_reported_once_with_its_file_and_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: python-dotenv's own warning, twice, without the file's name.
+    env_file = tmp_path / ".env"
+    env_file.write_text("POLYGON_API_KEY=pk_test_abcdefghijklmnop\nthis is not a setting\n")
+    with caplog.at_level("WARNING"):
+        first = load_settings(environ={}, env_file=env_file)
+        load_settings(environ={}, env_file=env_file)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{env_file} line 2 is not NAME=value and was ignored"]
+    assert first.api_key == "pk_test_abcdefghijklmnop"  # the good lines still count
+
+
+def test_a_state_dir_that_can_never_be_one_is_refused(tmp_path: Path) -> None:
+    # Before: accepted silently, failing later wherever state was first written.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"POLYSTREAM_STATE_DIR .* is a file\."):
+        load_settings(environ={"POLYSTREAM_STATE_DIR": str(blocker / "state")}, env_file=None)
+    fine = load_settings(environ={"POLYSTREAM_STATE_DIR": str(tmp_path / "new" / "state")})
+    assert fine.state_dir == tmp_path / "new" / "state"

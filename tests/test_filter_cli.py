@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import polars as pl
 import pytest
 from rich.console import Console
 
@@ -314,7 +315,7 @@ def test_list_show_remove(tmp_path: Path, filters_dir: Path) -> None:
     (filters_dir / "broken.yaml").rename(tmp_path / "broken.yaml")
     watched = run(tmp_path, "watch", "X:BTCUSD", "--feed", str(recording), "-t", "1s", "--no-ui")
     assert watched.returncode == 0, watched.stderr
-    assert "alerts from 1 filters" in watched.stderr
+    assert "alerts from 1 filter" in watched.stderr and "1 filters" not in watched.stderr
     (tmp_path / "broken.yaml").rename(filters_dir / "broken.yaml")
 
     listed = run(tmp_path, "filter", "list")
@@ -367,6 +368,26 @@ def test_test_on_a_replay(tmp_path: Path, filters_dir: Path) -> None:
     assert "fired 12 times replaying" in result.stderr
 
 
+def test_test_on_a_replay_takes_a_timeframe(tmp_path: Path, filters_dir: Path) -> None:
+    # Before: no -t, so a filter without a timeframe was always tested on 1m bars.
+    recording = tmp_path / "trades.tsv"
+    write_recording(recording, seconds=125)
+    (filters_dir / "any-bar.yaml").write_text(
+        EVERY_BAR.replace("timeframe: 1s\n", "").replace("every-bar", "any-bar")
+    )
+    default = run(tmp_path, "filter", "test", "any-bar", "--replay", str(recording), "--json")
+    assert default.returncode == 0, default.stderr
+    minutes = records(default.stdout)
+    assert {a["timeframe"] for a in minutes} == {"1m"} and " 1m bars)" in default.stderr
+    seconds = run(
+        tmp_path, "filter", "test", "any-bar", "--replay", str(recording), "-t", "5s", "--json"
+    )
+    assert seconds.returncode == 0, seconds.stderr
+    fives = records(seconds.stdout)
+    assert {a["timeframe"] for a in fives} == {"5s"} and " 5s bars)" in seconds.stderr
+    assert len(fives) >= 24 > len(minutes)
+
+
 def test_test_needs_exactly_one_history(tmp_path: Path) -> None:
     source = tmp_path / "x.yaml"
     source.write_text(EVERY_BAR)
@@ -377,6 +398,74 @@ def test_test_needs_exactly_one_history(tmp_path: Path) -> None:
     assert_one_sentence_error(bars, "--replay")
     unknown = run(tmp_path, "filter", "test", "nope", "--bars", str(BTC_BARS))
     assert_one_sentence_error(unknown, "neither a filter file")
+
+
+RSI_LOW = "name: rsi-low\nwhen: rsi(14) < 35\nmessage: '{symbol} RSI {rsi_14:.1f}'\n"
+
+
+def two_symbol_bars(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """The shipped BTC bars and an ETH series of their own over the same minutes: in one file
+    with a symbol column (rows interleaved), and each alone in a file without one."""
+    btc = pl.read_csv(BTC_BARS)
+    # BTC's path run backwards in time, at another price
+    prices = ("open", "high", "low", "close", "volume")
+    eth = btc.select(
+        "time", *(pl.col(c).reverse() * (0.05 if c != "volume" else 1) for c in prices)
+    )
+    alone = {"X:BTCUSD": tmp_path / "btc.csv", "X:ETHUSD": tmp_path / "eth.csv"}
+    btc.write_csv(alone["X:BTCUSD"])
+    eth.write_csv(alone["X:ETHUSD"])
+    both = tmp_path / "both.csv"
+    pl.concat(
+        [btc.with_columns(symbol=pl.lit("X:BTCUSD")), eth.with_columns(symbol=pl.lit("ETH-USD"))]
+    ).sort("time").select("symbol", *btc.columns).write_csv(both)
+    return both, alone
+
+
+def test_test_on_a_bar_file_of_several_symbols(tmp_path: Path) -> None:
+    both, alone = two_symbol_bars(tmp_path)
+    source = tmp_path / "rsi-low.yaml"
+    source.write_text(RSI_LOW)
+    result = run(tmp_path, "filter", "test", str(source), "--bars", str(both), "--json")
+    assert result.returncode == 0, result.stderr
+    alerts = records(result.stdout)
+    times = [a["time"] for a in alerts]
+    assert times == sorted(times)
+    for symbol, path in alone.items():
+        single = run(
+            tmp_path, "filter", "test", str(source), "--bars", str(path), "--symbol", symbol,
+            "--json",
+        )  # fmt: skip
+        assert single.returncode == 0, single.stderr
+        expected = records(single.stdout)
+        mine = [a for a in alerts if a["symbol"] == symbol]
+        assert mine == expected and expected, symbol
+        assert all(str(a["message"]).startswith(symbol) for a in mine)
+    counts = {s: sum(a["symbol"] == s for a in alerts) for s in alone}
+    assert f"(X:BTCUSD {counts['X:BTCUSD']}, X:ETHUSD {counts['X:ETHUSD']})" in result.stderr
+
+    picked = run(
+        tmp_path, "filter", "test", str(source), "--bars", str(both), "--symbol", "eth-usd",
+        "--json",
+    )  # fmt: skip
+    assert picked.returncode == 0, picked.stderr
+    assert records(picked.stdout) == [a for a in alerts if a["symbol"] == "X:ETHUSD"]
+
+    unknown = run(
+        tmp_path, "filter", "test", str(source), "--bars", str(both), "--symbol", "SOL-USD"
+    )
+    assert_one_sentence_error(unknown, "X:SOLUSD", "X:BTCUSD and X:ETHUSD")
+
+
+def test_a_filter_for_one_symbol_fires_only_for_it_in_a_file_of_several(tmp_path: Path) -> None:
+    both, _ = two_symbol_bars(tmp_path)
+    source = tmp_path / "rsi-low.yaml"
+    source.write_text(RSI_LOW + "symbols: [ETH-USD]\n")
+    result = run(tmp_path, "filter", "test", str(source), "--bars", str(both), "--json")
+    assert result.returncode == 0, result.stderr
+    alerts = records(result.stdout)
+    assert alerts and {a["symbol"] for a in alerts} == {"X:ETHUSD"}
+    assert "rsi-low watches only X:ETHUSD" in result.stderr
 
 
 # -- the dashboard ------------------------------------------------------------------------------

@@ -116,3 +116,12 @@ def test_a_stamp_out_of_range_is_a_damaged_line(
         "1 is damaged and was skipped",
         "3 is damaged and was skipped",
     ]
+
+
+@pytest.mark.parametrize("suffix", [".bz2", ".xz", ".zip"])
+def test_a_compression_recordings_do_not_use_is_refused(tmp_path: Path, suffix: str) -> None:
+    # Before: `--record out.rec.bz2` wrote plain text under that name.
+    path = tmp_path / f"out.rec{suffix}"
+    with pytest.raises(RecordingError, match=rf"names \{suffix} compression.*\.gz or \.zst"):
+        Recorder(path)
+    assert not path.exists()

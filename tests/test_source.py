@@ -315,7 +315,7 @@ def test_a_server_close_shows_its_code_and_reason(
 ) -> None:
     client = make_client(demo_feed.url)
     collect(client, lambda it: len(trades(it)) >= 3)
-    with caplog.at_level(logging.WARNING, logger="polystream.source"):
+    with caplog.at_level(logging.INFO, logger="polystream.source"):
         if close == "status":  # a status the client only reports, then a close frame
             demo_feed.send_status("maintenance", "planned restart", close=True)
         else:

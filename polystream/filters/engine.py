@@ -498,7 +498,21 @@ def run_on_bars(
     f: Filter, bars: pl.DataFrame, symbol: str, params: IndicatorParams | None = None
 ) -> tuple[list[Alert], pl.DataFrame]:
     """When bar filter `f` would have fired on a series of OHLCV bars, whatever timeframe the
-    file has, and the bar records it was evaluated on."""
+    file has, and the bar records it was evaluated on. The bars are `symbol`'s, unless they
+    have a `symbol` column (as `analyze.read_bars` gives it): then each symbol is run on its
+    own bars, as if it were the only one, and the alerts are merged in time order."""
+    if "symbol" in bars.columns:
+        parts = bars.partition_by("symbol", as_dict=True, maintain_order=True)
+        if not parts:
+            return run_on_bars(f, bars.drop("symbol"), symbol, params)
+        alerts: list[Alert] = []
+        evaluated: list[pl.DataFrame] = []
+        for (name,), part in parts.items():
+            fired, rows = run_on_bars(f, part.drop("symbol"), str(name), params)
+            alerts += fired
+            evaluated.append(rows)
+        alerts.sort(key=lambda a: a.time)
+        return alerts, pl.concat(evaluated)
     tf = infer_timeframe(bars["time"])
     records = bar_records(bars, symbol, tf, params)
     engine = FilterEngine(

@@ -133,7 +133,9 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
             # an unpaced replay wants throughput; a live run or a paced replay, its bars at once
             min_pending=REPLAY_PENDING if not live and options.speed is None else 0,
         )
-        units: list[FilterReload | GapRepair] = [FilterReload(watcher, filters, settings.state_dir)]
+        # the demo feed's alerts are made up: they leave the user's "last fired" times alone
+        fired_to = None if options.feed == "demo" else settings.state_dir
+        units: list[FilterReload | GapRepair] = [FilterReload(watcher, filters, fired_to)]
         history = _repairer(settings, options.feed, store)
         if history is not None:
             units.append(GapRepair(history, stages, lambda: source.gaps))

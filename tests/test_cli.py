@@ -600,3 +600,22 @@ def test_a_replay_without_a_watched_symbol_says_so(tmp_path: Path) -> None:
     ]
     whole = run(tmp_path, "watch", "X:BTCUSD", "--feed", str(recording), "--no-ui", "--json")
     assert "no_events" not in whole.stdout
+
+
+def test_the_demo_feed_leaves_the_last_fired_times_alone(tmp_path: Path) -> None:
+    # Before: a demo run's made-up alerts showed in `filter list` as when filters last fired.
+    from test_filter_cli import EVERY_BAR, write_recording
+
+    state = tmp_path / "state" / "last-fired.json"
+    demo = run(tmp_path, "demo", "--no-ui", "--duration", "6")
+    assert demo.returncode == 0, demo.stderr
+    assert "0 alerts" not in demo.stderr.splitlines()[-1]  # the demo's filters did fire
+    assert not state.exists()
+    filters = tmp_path / "filters"
+    filters.mkdir()
+    (filters / "every-bar.yaml").write_text(EVERY_BAR)
+    recording = tmp_path / "trades.tsv"
+    write_recording(recording, seconds=5)
+    replayed = run(tmp_path, "watch", "X:BTCUSD", "--feed", str(recording), "-t", "1s", "--no-ui")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "every-bar" in json.loads(state.read_text())

@@ -559,6 +559,21 @@ def test_unknown_key_is_reported_with_a_suggestion() -> None:
     assert "'trigerr'" in p.message and "did you mean trigger" in p.message
 
 
+@pytest.mark.parametrize(
+    ("text", "suggestion"),
+    [
+        ("name: a\nwhen: clsoe > 1\n", "unknown field 'clsoe' (did you mean close?)"),
+        ("name: a\nwhen: vlume > 1\n", "unknown field 'vlume' (did you mean volume?)"),
+        ("name: a\nwhen: mcad() > 1\n", "unknown function 'mcad' (did you mean macd?)"),
+        ("name: a\nwehn: close > 1\n", "unknown key 'wehn' (did you mean when?)"),
+    ],
+)
+def test_a_transposed_name_gets_a_suggestion(text: str, suggestion: str) -> None:
+    # Before: `severty` got a suggestion but `clsoe`, `mcad` and `wehn` did not.
+    err = rejected(text)
+    assert any(suggestion in p.message for p in err.problems), [p.message for p in err.problems]
+
+
 def test_duplicate_key_is_reported_at_the_second_one() -> None:
     err = rejected("name: a\nwhen: close > 1\nname: b\n")
     assert [(p.line, p.column) for p in err.problems] == [(3, 1)]

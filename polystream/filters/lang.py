@@ -9,9 +9,10 @@ alert shows. Problems carry offsets into the text; `spec` turns them into file p
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import get_args
 
@@ -36,6 +37,14 @@ EXPLICIT_SUM = 64
 KINDS: tuple[RowKind, ...] = get_args(RowKind)
 NUM, BOOL = "number", "true/false"
 SIDES = {"buy": SIDE_BUY, "sell": SIDE_SELL, "unknown": SIDE_UNKNOWN}
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """` (did you mean X?)` for the closest known name, transposed letters included."""
+    names = list(known)
+    close = [k for k in names if k.startswith(name[:3])] if len(name) >= 3 else []
+    close += difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class Problem(Exception):
@@ -519,7 +528,8 @@ class _Compiler:
         else:
             self.fail(
                 node.at,
-                f"unknown field {node.name!r}; {self.kind} fields are " + ", ".join(fields),
+                f"unknown field {node.name!r}{_did_you_mean(node.name, fields)}; "
+                f"{self.kind} fields are " + ", ".join(fields),
             )
         return None
 
@@ -618,8 +628,7 @@ class _Compiler:
             return self.indicator(node)
         if node.name in SERIES_FUNCTIONS:
             return self.series_call(node)
-        close = [f for f in FUNCTIONS if f.startswith(node.name[:3])]
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = _did_you_mean(node.name, FUNCTIONS)
         self.fail(
             node.at,
             f"unknown function {node.name!r}{hint}; expected one of " + ", ".join(FUNCTIONS),

@@ -8,6 +8,7 @@ expression goes through `lang`; the message template may name only the row's val
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import string
@@ -353,6 +354,7 @@ def parse_filter(
             continue
         if key not in KEYS:
             close = [k for k in KEYS if k[:3] == key[:3]]
+            close += difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]}?)" if close else ""
             r.node(key_node, f"unknown key {key!r}{hint}; expected one of {', '.join(KEYS)}")
         elif key in found:

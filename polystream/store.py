@@ -26,6 +26,7 @@ import yoyo
 import yoyo.exceptions
 from polars._typing import PolarsDataType
 
+from .config import display_url
 from .errors import ConfigError, PolystreamError
 from .schema import ALERT, BAR, BOOK, GAP, QUOTE, TRADE, Schema, bar_schema
 from .worker import Backoff, Worker
@@ -52,28 +53,18 @@ class StoreError(PolystreamError):
 # --- URLs and error sentences -------------------------------------------------------------------
 
 
-def _safe_url(url: str) -> str:
-    """`url` with any password replaced by `…`; unlike `config.display_url`, it never parses the
-    port, so it works on the malformed URLs it is needed for."""
-    parts = urlsplit(url)
-    user, at, hostport = parts.netloc.rpartition("@")
-    if at and ":" in user:
-        user = user.split(":", 1)[0] + ":…"
-    return parts._replace(netloc=f"{user}{at}{hostport}").geturl()
-
-
 def _check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in _SCHEMES:
         raise StoreError(
-            f"DATABASE_URL {_safe_url(url)!r} is not a PostgreSQL URL: "
+            f"DATABASE_URL {display_url(url)!r} is not a PostgreSQL URL: "
             "write it as postgresql://user:password@host:port/database."
         )
     try:
         parts.port  # noqa: B018  (raises on a malformed port)
     except ValueError:
         raise StoreError(
-            f"DATABASE_URL {_safe_url(url)!r} has an invalid port: "
+            f"DATABASE_URL {display_url(url)!r} has an invalid port: "
             "write it as postgresql://user:password@host:port/database."
         ) from None
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeAlias
 from urllib.parse import urlsplit
 
 import msgspec
@@ -356,6 +356,110 @@ def _history(
 _OUTPUT_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 
 
+class SymbolBackfill(msgspec.Struct):
+    """What `backfill` did for one symbol (its `--json` line): bars, and trades (None when not
+    asked for), fetched from `from` on. `to` is how far it got: where a new run goes on, the
+    end asked for unless `interrupted`. `waited_s`: paused for the rate limit and retries."""
+
+    symbol: str
+    timeframe: str
+    start: int = msgspec.field(name="from")
+    to: int
+    bars: int
+    trades: int | None
+    pages: int
+    requests: int
+    waited_s: float
+    interrupted: bool
+    output: str | None
+
+    def record(self) -> dict[str, object]:
+        record: dict[str, object] = msgspec.to_builtins(self)
+        return record
+
+
+class BackfillResult(msgspec.Struct):
+    """How a backfill ended: one sentence for humans, and a record per symbol."""
+
+    summary: str
+    symbols: list[SymbolBackfill]
+    interrupted: bool
+
+
+class _Tally:
+    """One symbol's counts as its pages arrive, and where a new run would go on."""
+
+    def __init__(self, symbol: str, timeframe: str, start: int, end: int, trades: bool) -> None:
+        self.symbol = symbol
+        self.timeframe = timeframe
+        self.start = start
+        self.end = end
+        self.bars = 0
+        self.trades: int | None = 0 if trades else None
+        self.bars_to = start
+        self.trades_to: int | None = None
+        self.done = False
+        self.pages = 0
+        self.requests = 0
+        self.waited = 0.0
+
+    def add(self, table: str, frame: pl.DataFrame) -> None:
+        if table == "bars":
+            self.bars += frame.height
+            self.bars_to = max(self.bars_to, int(frame["end"][-1]))
+        else:
+            self.trades = (self.trades or 0) + frame.height
+            # Trades of one millisecond may straddle two pages: go on from the minute of the
+            # latest (a trade stored twice is stored once).
+            self.trades_to = max(self.start, int(frame["time"][-1]) // 60_000 * 60_000)
+
+    @property
+    def reached(self) -> int:
+        """The end when done. Trades come after all of a symbol's bars: then, the minute of the
+        latest trade (the start before any); else the end of the latest bar."""
+        if self.done:
+            return max(self.start, self.end)
+        if self.trades is None:
+            return self.bars_to
+        return self.start if self.trades_to is None else self.trades_to
+
+    @property
+    def how_far(self) -> str:
+        if self.done:
+            return f"{self.symbol} complete"
+        if self.reached > self.start:
+            return f"{self.symbol} up to {_moment(self.reached)} UTC"
+        if self.bars:
+            return f"{self.symbol} {self.bars:,} bars, no trades yet"
+        return f"{self.symbol} not started"
+
+    def record(self, output: Path | None) -> SymbolBackfill:
+        return SymbolBackfill(
+            self.symbol,
+            self.timeframe,
+            self.start,
+            self.reached,
+            self.bars,
+            self.trades,
+            self.pages,
+            self.requests,
+            round(self.waited, 3),
+            not self.done,
+            None if output is None else str(output),
+        )
+
+
+def _moment(ms: int, sep: str = " ") -> str:
+    """`2024-05-03 12:35` (UTC; `sep` "T" for `--from`), with seconds and milliseconds only
+    when they are not zero."""
+    text = time.strftime(f"%Y-%m-%d{sep}%H:%M", time.gmtime(ms // 1000))
+    if ms % 60_000:
+        text += f":{ms // 1000 % 60:02d}"
+    if ms % 1000:
+        text += f".{ms % 1000:03d}"
+    return text
+
+
 def backfill(
     settings: Settings,
     symbols: Sequence[str],
@@ -366,13 +470,16 @@ def backfill(
     trades: bool = False,
     output: Path | None = None,
     per_minute: int = 5,
-) -> str:
+    json: bool = False,
+) -> BackfillResult:
     """REST history (aggregates, and trades with `trades`) into the database, or bars into
-    `output`; without `start_ms`, each symbol resumes after its last stored bar. Everything is
-    checked before the first request. Returns what was done, as a sentence."""
+    `output`; without `start_ms`, each symbol resumes after its last stored bar, and says so.
+    Everything is checked before the first request. Ctrl-C keeps what was fetched (written to
+    `output`, or stored) and ends with an interrupted result that says how to go on. `json`
+    keeps stderr plain for a `--json` run: no progress bars."""
     from . import rest
-    from .analyze import SUFFIXES, write_output
-    from .store import Store, last_bar_start, require_migrated
+    from .analyze import SUFFIXES
+    from .store import Store, require_migrated
 
     if not settings.api_key:
         raise ConfigError(
@@ -388,21 +495,9 @@ def backfill(
         raise ConfigError(f"Cannot write {output}: give it one of the suffixes {SUFFIXES}.")
     if start_ms is not None and start_ms >= end_ms:
         raise ConfigError("--from is not before --to: swap them.")
-    starts: dict[str, int] = {}
-    for symbol in normalized:
-        if start_ms is not None:
-            starts[symbol] = start_ms
-        elif output is None and settings.database_url is not None:
-            require_migrated(settings.database_url)
-            last = last_bar_start(settings.database_url, symbol, timeframe_name(tf))
-            if last is None:
-                raise ConfigError(
-                    f"No {timeframe_name(tf)} bars of {symbol} are stored yet: give --from."
-                )
-            starts[symbol] = last + tf
-        else:
-            raise ConfigError("--from is needed when writing to a file.")
+    starts = _starts(settings, normalized, start_ms, end_ms, tf, output)
     client = rest.RestClient(settings.rest_url, settings.api_key, per_minute=per_minute)
+    tallies = [_Tally(s, timeframe_name(tf), starts[s], end_ms, trades) for s in normalized]
     collected: list[pl.DataFrame] = []
     writer = None
     if output is None:
@@ -416,61 +511,162 @@ def backfill(
         elif table == "bars":
             collected.append(frame)
 
-    rows: dict[str, int] = {}
+    progress = display.BackfillProgress(starts, end_ms, plain=json)
+    client.on_wait = progress.waiting
     try:
-        with display.BackfillProgress(normalized, min(starts.values()), end_ms) as progress:
-            for symbol in normalized:
-                if starts[symbol] >= end_ms:
-                    rows[symbol] = 0
-                    continue
-                rows.update(
-                    rest.backfill(
-                        client,
-                        [symbol],
-                        starts[symbol],
-                        end_ms,
-                        timeframe_ms=tf,
-                        trades=trades,
-                        sink=sink,
-                        on_page=progress,
-                    )
-                )
+        with progress:
+            for tally in tallies:
+                _fetch(client, tally, tf, sink, progress)
+    except KeyboardInterrupt:
+        pass  # what was fetched is kept; the result says how far each symbol got
     finally:
         if writer is not None:
             writer.stop(60.0)
+    interrupted = not all(t.done for t in tallies)
     if writer is not None:
         if writer.fatal is not None:
             raise writer.fatal
-        stats = writer.stats
-        waiting = (
-            f", {stats.journal_rows:,} rows waiting in the journal" if stats.journal_rows else ""
-        )
-        return (
-            f"fetched {sum(rows.values()):,} rows; {stats.rows_written:,} new rows stored{waiting}"
-        )
-    assert output is not None
-    # One shape for every file: a symbol column first, even for one symbol.
+        summary = _stored(writer, tallies, interrupted)
+    else:
+        assert output is not None
+        summary = _write_bars(collected, output, tallies, interrupted)
+    return BackfillResult(summary, [t.record(output) for t in tallies], interrupted)
+
+
+def _starts(
+    settings: Settings,
+    symbols: Sequence[str],
+    start_ms: int | None,
+    end_ms: int,
+    tf: int,
+    output: Path | None,
+) -> dict[str, int]:
+    """Where each symbol's history begins: `start_ms`, else after its last stored bar, said on
+    stderr so that a resumed run shows from where."""
+    if start_ms is not None:
+        return dict.fromkeys(symbols, start_ms)
+    if output is not None:
+        raise ConfigError("--from is needed when writing to a file.")
+    from .store import last_bar_start, require_migrated
+
+    url = database_url(settings)
+    require_migrated(url)
+    name = timeframe_name(tf)
+    last: dict[str, int] = {}
+    for symbol in symbols:
+        stored = last_bar_start(url, symbol, name)
+        if stored is None:
+            raise ConfigError(f"No {name} bars of {symbol} are stored yet: give --from.")
+        last[symbol] = stored
+    for symbol, ms in last.items():
+        if ms + tf >= end_ms:
+            display.note(f"{symbol} {name}: up to date (the last stored bar is {_moment(ms)} UTC)")
+        else:
+            display.note(f"{symbol} {name}: resuming after {_moment(ms)} UTC (the last stored bar)")
+    return {symbol: ms + tf for symbol, ms in last.items()}
+
+
+def _fetch(
+    client: RestClient,
+    tally: _Tally,
+    tf: int,
+    sink: Callable[[str, pl.DataFrame], None],
+    progress: display.BackfillProgress,
+) -> None:
+    """Every page of one symbol into `sink`, counted in `tally`, even when Ctrl-C stops it."""
+    from . import rest
+
+    def counted(table: str, frame: pl.DataFrame) -> None:
+        sink(table, frame)
+        tally.add(table, frame)  # after: a count never claims rows that were not kept
+
+    requests, pages, waited = client.requests_sent, client.pages_received, client.waited
+    try:
+        if tally.start < tally.end:
+            rest.backfill(
+                client,
+                [tally.symbol],
+                tally.start,
+                tally.end,
+                timeframe_ms=tf,
+                trades=tally.trades is not None,
+                sink=counted,
+                on_page=progress,
+            )
+        tally.done = True
+    finally:
+        tally.requests = client.requests_sent - requests
+        tally.pages = client.pages_received - pages
+        tally.waited = client.waited - waited
+
+
+def _go_on(tallies: Sequence[_Tally]) -> str:
+    """How to fetch the rest: `run again with --from …`, for each group of symbols that stopped
+    at the same time when they did not all stop together."""
+    left: dict[int, list[str]] = {}
+    for t in tallies:
+        if not t.done:
+            left.setdefault(t.reached, []).append(t.symbol)
+    if len(left) == 1 and len(next(iter(left.values()))) == len(tallies):
+        return f"run again with --from {_moment(next(iter(left)), 'T')}"
+    return "run again " + " and ".join(
+        f"for {' '.join(names)} with --from {_moment(ms, 'T')}" for ms, names in left.items()
+    )
+
+
+def _how_far(tallies: Sequence[_Tally]) -> str:
+    return ", ".join(t.how_far for t in tallies)
+
+
+def _stored(writer: Store, tallies: Sequence[_Tally], interrupted: bool) -> str:
+    stats = writer.stats
+    fetched = sum(t.bars + (t.trades or 0) for t in tallies)
+    waiting = f", {stats.journal_rows:,} rows waiting in the journal" if stats.journal_rows else ""
+    done = f"fetched {fetched:,} rows; {stats.rows_written:,} new rows stored{waiting}"
+    if not interrupted:
+        return done
+    return f"interrupted: {done} ({_how_far(tallies)}); {_go_on(tallies)} to continue"
+
+
+def _write_bars(
+    collected: Sequence[pl.DataFrame], output: Path, tallies: Sequence[_Tally], interrupted: bool
+) -> str:
+    """One shape for every file, complete or not: a symbol column first, even for one symbol."""
+    from .analyze import write_output
+
     bars = pl.concat(collected).sort("symbol", "start") if collected else empty(BAR)
     write_output(bars.select("symbol", pl.col("start").alias("time"), *OHLCV), output)
-    return f"wrote {bars.height:,} bars to {output}"
+    if not interrupted:
+        return f"wrote {bars.height:,} bars to {output}"
+    return (
+        f"interrupted: wrote {bars.height:,} bars ({_how_far(tallies)}) to {output}; "
+        f"{_go_on(tallies)} into a new file to continue"
+    )
 
 
 # -- trying filters on a recording -------------------------------------------------------------
 
 
 class _Collector(BaseSink):
-    """Keeps the alerts and counts the final bars of a run."""
+    """Keeps the alerts and the final bars of a run."""
 
     name = "collector"
 
     def __init__(self) -> None:
         self.alerts: list[Alert] = []
-        self.final_bars = 0
+        self.bars: list[pl.DataFrame] = []
 
     def write(self, out: Output) -> None:
         self.alerts += out.alerts
         if out.bars is not None:
-            self.final_bars += out.bars.filter(pl.col("state") == "final").height
+            self.bars.append(out.bars.filter(pl.col("state") == "final"))
+
+
+class Replayed(NamedTuple):
+    """What `replay_filters` found: the alerts, and the final bars they were raised on."""
+
+    alerts: list[Alert]
+    bars: pl.DataFrame
 
 
 def recording_symbols(path: Path) -> list[str]:
@@ -496,9 +692,9 @@ def replay_filters(
     *,
     params: IndicatorParams | None = None,
     timeframe: int = 60_000,
-) -> tuple[list[Alert], int]:
+) -> Replayed:
     """Replay a recording through the whole pipeline with `filters` attached: the alerts they
-    would have raised, and how many final bars were built. A bar filter that names no
+    would have raised, and the final bars built. A bar filter that names no
     timeframe runs on `timeframe`'s bars, as on a `watch -t` run's first."""
     p = params or IndicatorParams()
     named = sorted({f.timeframe for f in filters if f.on == "bar" and f.timeframe})
@@ -512,4 +708,5 @@ def replay_filters(
         min_pending=REPLAY_PENDING,
     )
     Pipeline(ReplaySource(path), stages, [collector], live=False).run()
-    return collector.alerts, collector.final_bars
+    bars = pl.concat(collector.bars, how="diagonal_relaxed") if collector.bars else pl.DataFrame()
+    return Replayed(collector.alerts, bars)

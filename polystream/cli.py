@@ -9,17 +9,21 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.main
+from typer.core import TyperArgument
 from typer.exceptions import TyperException
 
 from . import __version__, display
 from .app import RunOptions, database_url
 from .app import backfill as app_backfill
 from .app import run as app_run
+from .cli_chart import chart_command
 from .cli_filters import filter_app
 from .config import (
+    TIMEFRAMES,
     Settings,
     load_settings,
     parse_channels,
@@ -30,13 +34,17 @@ from .errors import PolystreamError, UsageError
 from .filters import shipped_dir
 from .simulator import DemoFeed
 
+# -h as well as --help, and help as wide as the terminal up to 120 columns, on every command
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
+
 app = typer.Typer(
     name="polystream",
     help="Streaming analyzer for Polygon.io / Massive crypto market data.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
 )
 
 _debug = False
@@ -71,7 +79,9 @@ def _settings(**overrides: str | None) -> Settings:
 # Options `watch` and `demo` share, declared once.
 TimeframeOption = Annotated[
     list[str],
-    typer.Option("--timeframe", "-t", help="Bar timeframe; repeatable."),
+    typer.Option(
+        "--timeframe", "-t", help=f"Bar timeframe, repeatable: {' '.join(TIMEFRAMES)}."
+    ),
 ]
 NoUiOption = Annotated[bool, typer.Option("--no-ui", help="No dashboard; plain lines.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")]
@@ -86,10 +96,36 @@ UtcOption = Annotated[
     bool, typer.Option("--utc", help="Show times in UTC [default: local time, zone shown].")
 ]
 
+# Flags for settings, each beating its variable (not typer's envvar=, which would let the
+# environment beat .env the wrong way round): they feed `load_settings`, keyed by variable.
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="API key; the environment or .env is safer, as a flag shows in ps. "
+        "[env: POLYGON_API_KEY]",
+    ),
+]
+WsUrlOption = Annotated[
+    str | None,
+    typer.Option("--ws-url", help="WebSocket feed of --feed polygon. [env: POLYGON_WS_URL]"),
+]
+RestUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rest-url",
+        help="REST API, for backfill, warm-up and gap repair. [env: POLYGON_REST_URL]",
+    ),
+]
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option("--database-url", help="PostgreSQL / TimescaleDB. [env: DATABASE_URL]"),
+]
 
-def _run(options: RunOptions) -> None:
+
+def _run(options: RunOptions, **overrides: str | None) -> None:
     """Run, and make a run stopped by a signal exit 128 + its number (130 for Ctrl-C)."""
-    settings = _settings()
+    settings = _settings(**overrides)
     result = app_run(options, settings)
     if result.interrupted:
         raise typer.Exit(128 + (result.signal or signal.SIGINT))
@@ -124,7 +160,10 @@ def watch(
     seed: SeedOption = 0,
     filters: Annotated[
         Path | None,
-        typer.Option(help="Filters directory, watched for changes [default: ./filters]."),
+        typer.Option(
+            help="Filters directory, watched for changes [default: ./filters]. "
+            "[env: POLYSTREAM_FILTERS_DIR]"
+        ),
     ] = None,
     store: Annotated[
         bool | None,
@@ -148,9 +187,24 @@ def watch(
         ),
     ] = True,
     utc: UtcOption = False,
+    api_key: ApiKeyOption = None,
+    ws_url: WsUrlOption = None,
+    rest_url: RestUrlOption = None,
+    db_url: DatabaseUrlOption = None,
 ) -> None:
-    """Live feed -> bars, indicators, filters and alerts, dashboard, JSON records, storage,
-    Telegram, recordings."""
+    """Live market data -> bars, indicators, filters and alerts.
+
+    Shows a dashboard, or plain lines (--no-ui), or JSON records (--json); stores rows
+    (--store), sends alerts to Telegram (--notify) and records frames (--record). --feed takes
+    the Polygon feed, the demo feed, a ws:// URL or a recording to replay.
+
+    \b
+    Examples:
+      polystream watch X:BTCUSD ETH-USD -t 1m -t 5m
+      polystream watch X:BTCUSD --json --no-ui > records.jsonl
+      polystream watch X:BTCUSD --store --record today.rec.zst
+      polystream watch X:BTCUSD --feed today.rec.zst --speed 10
+    """
     if bars not in ("trades", "polygon"):
         raise UsageError(f"Unknown bar source {bars!r} for --bars: use trades or polygon.")
     _run(
@@ -173,7 +227,11 @@ def watch(
             notify=notify,
             warmup=warmup,
             utc=utc,
-        )
+        ),
+        POLYGON_API_KEY=api_key,
+        POLYGON_WS_URL=ws_url,
+        POLYGON_REST_URL=rest_url,
+        DATABASE_URL=db_url,
     )
 
 
@@ -187,7 +245,10 @@ def demo(
     seed: SeedOption = 0,
     filters: Annotated[
         Path | None,
-        typer.Option(help="Filters directory [default: ./filters, else the shipped filters]."),
+        typer.Option(
+            help="Filters directory [default: ./filters, else the shipped filters]. "
+            "[env: POLYSTREAM_FILTERS_DIR]"
+        ),
     ] = None,
     store: Annotated[
         bool, typer.Option("--store/--no-store", help="Store the demo's rows in DATABASE_URL.")
@@ -196,8 +257,19 @@ def demo(
         bool, typer.Option("--notify/--no-notify", help="Send its alerts to Telegram.")
     ] = False,
     utc: UtcOption = False,
+    db_url: DatabaseUrlOption = None,
 ) -> None:
-    """`watch X:BTCUSD X:ETHUSD --feed demo -t 1s -t 1m`: the whole pipeline, no key, no network."""
+    """The whole pipeline on the built-in demo feed: no key, no network.
+
+    The same as `watch X:BTCUSD X:ETHUSD --feed demo -t 1s -t 1m`, with the filters of ./filters
+    or, when there is none, the shipped ones. Ctrl-C stops it.
+
+    \b
+    Examples:
+      polystream demo
+      polystream demo --no-ui --duration 30
+      polystream demo --json --no-ui | jq 'select(.type == "alert")'
+    """
     if filters is None:
         configured = load_settings().filters_dir
         filters = configured if configured.is_dir() else shipped_dir()
@@ -214,6 +286,7 @@ def demo(
         store=store,
         notify=notify,
         utc=utc,
+        db_url=db_url,
     )
 
 
@@ -249,10 +322,26 @@ def backfill(
     per_minute: Annotated[
         int, typer.Option(help="REST requests per minute (5 on the free plan; 0: no limit).", min=0)
     ] = 5,
+    api_key: ApiKeyOption = None,
+    rest_url: RestUrlOption = None,
+    db_url: DatabaseUrlOption = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="A JSON summary per symbol on stdout; no progress bars.")
+    ] = False,
 ) -> None:
-    """History over REST: aggregates (and trades) into the database, or bars into a file."""
-    summary = app_backfill(
-        _settings(),
+    """History over REST: aggregates (and trades) into the database, or bars into a file.
+
+    Without --from it resumes after the last stored bar. Ctrl-C keeps what was fetched and
+    exits 130.
+
+    \b
+    Examples:
+      polystream backfill X:BTCUSD X:ETHUSD --from 2024-05-01 --to 2024-05-29
+      polystream backfill X:BTCUSD --from 2024-05-01 -t 5m -o btc-5m.csv
+      polystream backfill X:BTCUSD --trades --per-minute 0
+    """
+    result = app_backfill(
+        _settings(POLYGON_API_KEY=api_key, POLYGON_REST_URL=rest_url, DATABASE_URL=db_url),
         symbols,
         start_ms=_when(from_, "--from") if from_ else None,
         end_ms=_when(to, "--to") if to else int(time.time() * 1000),
@@ -260,8 +349,13 @@ def backfill(
         trades=trades,
         output=output,
         per_minute=per_minute,
+        json=json_out,
     )
-    display.note(summary, "green")
+    if json_out:
+        display.json_lines(s.record() for s in result.symbols)
+    display.note(result.summary, "yellow" if result.interrupted else "green")
+    if result.interrupted:
+        raise typer.Exit(128 + signal.SIGINT)
 
 
 @app.command()
@@ -272,15 +366,32 @@ def migrate(
     rollback: Annotated[
         bool, typer.Option("--rollback", help="Undo the last applied migration.")
     ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="With --list: one JSON object per migration on stdout.")
+    ] = False,
+    db_url: DatabaseUrlOption = None,
 ) -> None:
-    """Apply the SQL migrations to DATABASE_URL (or list them, or undo the last one)."""
+    """Apply the SQL migrations to DATABASE_URL (or list them, or undo the last one).
+
+    \b
+    Examples:
+      polystream migrate
+      polystream migrate --list --json
+      polystream migrate --rollback --database-url postgresql://localhost/polystream
+    """
     from . import store as storage
 
     if list_ and rollback:
         raise typer.BadParameter("give --list or --rollback, not both", param_hint="--list")
-    url = database_url(_settings())
+    if json_out and not list_:
+        raise UsageError("--json goes with --list, the one form of migrate that prints data.")
+    url = database_url(_settings(DATABASE_URL=db_url))
     if list_:
-        display.migration_table(storage.migration_status(url))
+        status = storage.migration_status(url)
+        if json_out:
+            display.json_lines({"id": name, "applied": applied} for name, applied in status)
+        else:
+            display.migration_table(status)
     elif rollback:
         undone = storage.rollback(url)
         display.note(f"rolled back {undone}" if undone else "no migration to roll back")
@@ -308,13 +419,32 @@ def analyze(
         str | None,
         typer.Option(help="Keep only this symbol of a file with a symbol column, e.g. X:BTCUSD."),
     ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Every row as a JSON object per line on stdout.")
+    ] = False,
 ) -> None:
-    """Offline: OHLCV bars from a file -> the same indicator columns as `watch`."""
+    """Indicators for OHLCV bars from a CSV or Parquet file, offline.
+
+    The same indicator columns as `watch` (RSI, Stochastic, MACD, AO, CCI, Bollinger Bands),
+    per symbol when the file has a symbol column. Without -o: a table in a terminal, CSV into a
+    pipe.
+
+    \b
+    Examples:
+      polystream analyze bars.csv
+      polystream analyze bars.csv -o bars-with-indicators.parquet
+      polystream analyze history.csv --symbol X:ETHUSD -o - | head
+      polystream analyze bars.csv --json | jq .rsi_14
+    """
     from . import analyze as offline
 
+    if json_out and output is not None:
+        raise UsageError("Give --json or --output, not both: --json writes the rows to stdout.")
     _settings()
     frame = offline.analyze(file, symbol=symbol)
-    if output is None and sys.stdout.isatty():
+    if json_out:
+        display.frame_json_lines(frame)
+    elif output is None and sys.stdout.isatty():
         display.print_frame(frame, title=str(file))
     elif output is None or str(output) == "-":
         sys.stdout.write(frame.write_csv())  # every row, for the next program in the pipe
@@ -346,7 +476,17 @@ def simulate(
     ] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
 ) -> None:
-    """Serve the built-in Polygon-protocol feed on loopback until Ctrl-C."""
+    """Serve the built-in Polygon-protocol feed on loopback until Ctrl-C.
+
+    Any non-empty key is accepted unless --api-key is given; a watch on a loopback feed needs
+    no key of its own. The fault options make it misbehave the way real feeds do.
+
+    \b
+    Examples:
+      polystream simulate --port 8765
+      polystream watch X:BTCUSD --feed ws://127.0.0.1:8765
+      polystream simulate --drop-every 10 --malformed-every 500
+    """
     _settings()
     feed = DemoFeed(
         host,
@@ -371,13 +511,136 @@ def simulate(
             raise typer.Exit(130) from None
 
 
+@app.command("config")
+def config_command(
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Check what the settings point at instead: the database (connects), filters, "
+            "state directory, Telegram settings (not contacted) and API key; exit 1 on a problem.",
+        ),
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per setting (or check) on stdout.")
+    ] = False,
+    api_key: ApiKeyOption = None,
+    ws_url: WsUrlOption = None,
+    rest_url: RestUrlOption = None,
+    db_url: DatabaseUrlOption = None,
+    filters: Annotated[
+        Path | None,
+        typer.Option(help="Filters directory [default: ./filters]. [env: POLYSTREAM_FILTERS_DIR]"),
+    ] = None,
+) -> None:
+    """The settings in effect and where each comes from; --check tests them.
+
+    Secrets are redacted; each value's origin is a flag, the environment, .env (with its line)
+    or the default. --check tries the database, the filters, the state directory, the Telegram
+    settings and the API key, and exits 1 if any has a problem.
+
+    \b
+    Examples:
+      polystream config
+      polystream config --check
+      polystream config --json --database-url postgresql://localhost/polystream
+    """
+    from . import doctor
+
+    settings = _settings(
+        POLYGON_API_KEY=api_key,
+        POLYGON_WS_URL=ws_url,
+        POLYGON_REST_URL=rest_url,
+        DATABASE_URL=db_url,
+        POLYSTREAM_FILTERS_DIR=str(filters) if filters else None,
+    )
+    if check:
+        checks = doctor.run_checks(settings)
+        if json_out:
+            display.json_lines(doctor.records(checks))
+        else:
+            print("\n".join(doctor.check_lines(checks)), flush=True)
+        doctor.require_ok(checks)
+        return
+    rows = doctor.settings_rows(settings)
+    if json_out:
+        display.json_lines(doctor.records(rows))
+    else:
+        print("\n".join(doctor.settings_lines(rows)), flush=True)
+
+
 app.add_typer(filter_app, name="filter")
+app.command("chart")(chart_command)
+
+
+# What help shows for a value, where the parameter's name alone would not say it well
+_METAVARS = {
+    "timeframe": "TF",
+    "lateness": "DURATION",
+    "revision_horizon": "DURATION",
+    "cooldown": "DURATION",
+    "bars": "SOURCE",
+    "from_": "DATE",
+    "to": "DATE",
+    "api_key": "KEY",
+    "ws_url": "URL",
+    "rest_url": "URL",
+    "db_url": "URL",
+    "when": "EXPR",
+    "symbols": "LIST",
+    "notify": "LIST",
+    "speed": "N",
+}
+
+
+def _metavar(param: Any) -> str:
+    """A placeholder such as FILE, DIR, N, SECONDS or SYMBOL... for a parameter, instead of
+    the Python type the help would otherwise show (`<list[str]>`, `<float range>`)."""
+    name = param.name or ""
+    annotation = str(param.type_descriptor.annotation)
+    if "Path" in annotation:
+        value = "DIR" if name == "filters" else "FILE"
+    elif "float" in annotation and name != "speed":
+        value = "SECONDS"
+    elif "int" in annotation:
+        value = "PORT" if name == "port" else "N"
+    elif param.param_type_name == "argument":
+        value = name.upper().rstrip("S") if param.nargs != 1 else name.upper()
+    else:
+        value = _METAVARS.get(name, name.upper())
+    return f"{value}..." if param.param_type_name == "argument" and param.nargs != 1 else value
+
+
+class _Argument(TyperArgument):
+    """An argument shown by its placeholder alone, as `SYMBOL...` or `[FILE]...`, without the
+    Python type and the braces typer adds."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        name = self.metavar or (self.name or "").upper()
+        return name if self.required else f"[{name}]"
+
+
+def _name_values(command: Any) -> Any:
+    """`command` with a placeholder on every parameter that takes a value and has none."""
+    for param in command.params:
+        if param.metavar is None and not getattr(param, "is_flag", False):
+            param.metavar = _metavar(param)
+        if type(param) is TyperArgument:
+            param.__class__ = _Argument
+    for sub in getattr(command, "commands", {}).values():
+        _name_values(sub)
+    return command
 
 
 def main() -> None:
     """Entry point: runs the app and maps every failure to the exit-code contract."""
     try:
-        code = app(standalone_mode=False)
+        code = _name_values(typer.main.get_command(app)).main(
+            standalone_mode=False, prog_name="polystream"
+        )
     except typer.Exit as exc:
         code = exc.exit_code
     except TyperException as exc:

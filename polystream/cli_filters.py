@@ -5,15 +5,18 @@ remove, validate, test). Nothing is written unless the filter is valid.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
+import polars as pl
 import typer
 
 from . import display
 from .config import TIMEFRAMES, load_settings, parse_timeframe, timeframe_name
-from .errors import ConfigError, PolystreamError
+from .errors import ConfigError, PolystreamError, UsageError
 from .filters import (
+    Filter,
     FilterError,
     add_filter,
     filter_files,
@@ -25,6 +28,7 @@ from .filters import (
     run_on_bars,
     shipped_dir,
 )
+from .schema import Alert
 
 filter_app = typer.Typer(
     help="Manage filter files; `test` shows when a filter would have fired on history.",
@@ -33,7 +37,10 @@ filter_app = typer.Typer(
 )
 
 DirOption = Annotated[
-    Path | None, typer.Option("--filters", help="Filters directory [default: ./filters].")
+    Path | None,
+    typer.Option(
+        "--filters", help="Filters directory [default: ./filters]. [env: POLYSTREAM_FILTERS_DIR]"
+    ),
 ]
 
 
@@ -69,7 +76,12 @@ def add(
     when: Annotated[str | None, typer.Option(help="Its condition, e.g. 'rsi(14) < 30'.")] = None,
     on: Annotated[str, typer.Option(help="bar, trade or quote.")] = "bar",
     timeframe: Annotated[
-        str | None, typer.Option(help="Bar timeframe [default: the run's first].")
+        str | None,
+        typer.Option(
+            "--timeframe",
+            "-t",
+            help=f"Bar timeframe: {' '.join(TIMEFRAMES)} [default: the run's first].",
+        ),
     ] = None,
     symbols: Annotated[
         str | None, typer.Option(help="Comma-separated symbols [default: every one].")
@@ -85,7 +97,16 @@ def add(
     force: Annotated[bool, typer.Option(help="Replace a filter of the same name.")] = False,
     filters: DirOption = None,
 ) -> None:
-    """Validate a filter, then copy it into the filters directory (or write one from options)."""
+    """Validate a filter, then copy it into the filters directory (or write one from options).
+
+    Nothing is written unless the filter is valid; a running watch picks it up within a second.
+
+    \b
+    Examples:
+      polystream filter add my-filter.yaml
+      polystream filter add rsi-oversold            (a shipped filter, by name)
+      polystream filter add --name btc-dip --when 'rsi(14) < 25' --symbols X:BTCUSD -t 5m
+    """
     directory = _dir(filters)
     if (file is None) == (when is None and name is None):
         raise typer.BadParameter(
@@ -122,6 +143,53 @@ def add(
     display.note(f"added {f.name} to {target}", "green")
 
 
+def _seconds(ms: int) -> float | None:
+    """A cooldown in seconds (whole ones as integers), None for none."""
+    if not ms:
+        return None
+    return ms // 1000 if ms % 1000 == 0 else ms / 1000
+
+
+def _filter_record(f: Filter, fired: dict[str, int]) -> dict[str, object]:
+    """A valid filter as `--json` shows it: its settings as in the file, with the defaults
+    filled in (a bar filter's null timeframe is the run's first; a null cooldown is none)."""
+    return {
+        "name": f.name,
+        "file": f.path,
+        "valid": True,
+        "description": f.description or None,
+        "on": f.on,
+        "timeframe": f.timeframe_name,
+        "symbols": list(f.symbols),
+        "when": f.when,
+        "trigger": f.trigger,
+        "cooldown": _seconds(f.cooldown),
+        "severity": f.severity,
+        "message": f.message or None,
+        "notify": list(f.notify),
+        "last_fired": fired.get(f.name),
+    }
+
+
+def _problems(exc: PolystreamError) -> list[dict[str, object]]:
+    """Each problem with its 1-based line and column (null for a file that cannot be read)."""
+    if isinstance(exc, FilterError) and exc.problems:
+        return [{"line": p.line, "column": p.column, "message": p.message} for p in exc.problems]
+    return [{"line": None, "column": None, "message": str(exc)}]
+
+
+def _invalid_record(exc: PolystreamError) -> dict[str, object]:
+    """A file that does not load, named by its stem as `filter list` shows it."""
+    path = getattr(exc, "path", None)
+    return {
+        "name": Path(path).stem if path else None,
+        "file": path,
+        "valid": False,
+        "error": str(exc),
+        "problems": _problems(exc),
+    }
+
+
 def _last(name: str, fired: dict[str, int]) -> str:
     t = fired.get(name)
     return "never" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t / 1000))
@@ -132,12 +200,32 @@ def list_(
     shipped: Annotated[
         bool, typer.Option(help="List the filters that ship with polystream.")
     ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per filter file on stdout.")
+    ] = False,
     filters: DirOption = None,
 ) -> None:
-    """A table of the filters: name, on, timeframe, symbols, condition, last fired."""
+    """The filters: name, on, timeframe, symbols, condition, last fired.
+
+    \b
+    Examples:
+      polystream filter list
+      polystream filter list --shipped
+      polystream filter list --json | jq -r .name
+    """
     directory = shipped_dir() if shipped else _dir(filters)
     loaded = load_directory(directory)
     fired = {} if shipped else read_last_fired(load_settings().state_dir)
+    if json_out:
+        display.json_lines(
+            [
+                *(_filter_record(f, fired) for f in loaded.filters.values()),
+                *map(_invalid_record, loaded.errors),
+            ]
+        )
+        if not loaded.filters and not loaded.errors:
+            display.note(f"no filters in {directory}; add one with polystream filter add")
+        return
     rows: list[tuple[str, str, str, str, str, str]] = [
         (
             f.name,
@@ -162,11 +250,27 @@ def list_(
 @filter_app.command("show")
 def show(
     name: Annotated[str, typer.Argument(help="The filter's name (or a shipped filter's).")],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="The filter as one JSON object on stdout.")
+    ] = False,
     filters: DirOption = None,
 ) -> None:
-    """Print a filter's file."""
+    """Print a filter's file.
+
+    \b
+    Examples:
+      polystream filter show rsi-oversold
+      polystream filter show rsi-oversold --json
+    """
     path = _locate(name, [_dir(filters)], files=False)
-    display.show_file(str(path), path.read_text(encoding="utf-8"))
+    if not json_out:
+        display.show_file(str(path), path.read_text(encoding="utf-8"))
+        return
+    try:
+        record = _filter_record(read_filter(path), read_last_fired(load_settings().state_dir))
+    except PolystreamError as exc:
+        record = _invalid_record(exc)
+    display.json_lines([record])
 
 
 @filter_app.command("remove")
@@ -174,10 +278,52 @@ def remove(
     name: Annotated[str, typer.Argument(help="The filter's name.")],
     filters: DirOption = None,
 ) -> None:
-    """Delete a filter's file from the filters directory (a running watch drops it)."""
+    """Delete a filter's file from the filters directory (a running watch drops it).
+
+    \b
+    Example:
+      polystream filter remove btc-dip
+    """
     path = find_filter(_dir(filters), name)
     path.unlink()
     display.note(f"removed {name} ({path})", "green")
+
+
+class _Checked(NamedTuple):
+    """One file as `validate` found it: its filter's name, if it has one, and what is wrong."""
+
+    path: Path
+    name: str | None
+    error: PolystreamError | None = None
+    clash: Path | None = None  # an earlier file whose filter has the same name
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None and self.clash is None
+
+
+def _check(files: Iterable[Path]) -> Iterable[_Checked]:
+    """Each file in turn; a filter whose name an earlier file took is not valid, as `watch`
+    would refuse it."""
+    names: dict[str, Path] = {}
+    for path in files:
+        try:
+            f = read_filter(path)
+        except PolystreamError as exc:
+            yield _Checked(path, None, error=exc)
+            continue
+        yield _Checked(path, f.name, clash=names.get(f.name))
+        names.setdefault(f.name, path)
+
+
+def _checked_record(c: _Checked) -> dict[str, object]:
+    """`validate --json`: the file, whether it is valid, its filter's name and its problems."""
+    problems = _problems(c.error) if c.error is not None else []
+    if c.clash is not None:
+        message = f"the name {c.name!r} is already used by {c.clash}"
+        problems.append({"line": None, "column": None, "message": message})
+    name = {} if c.name is None else {"name": c.name}
+    return {"file": str(c.path), "valid": c.valid, **name, "problems": problems}
 
 
 @filter_app.command("validate")
@@ -185,9 +331,20 @@ def validate(
     paths: Annotated[
         list[Path] | None, typer.Argument(help="Files or directories [default: the filters dir].")
     ] = None,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object per file on stdout, with its problems."),
+    ] = False,
     filters: DirOption = None,
 ) -> None:
-    """Check filter files and report every problem; exit 1 if any file is not valid."""
+    """Check filter files and report every problem; exit 1 if any file is not valid.
+
+    \b
+    Examples:
+      polystream filter validate
+      polystream filter validate my-filter.yaml other-dir/
+      polystream filter validate --json
+    """
     targets = paths or [_dir(filters)]
     files: list[Path] = []
     for target in targets:
@@ -197,21 +354,18 @@ def validate(
             files.append(target)
         else:
             raise ConfigError(f"{target} is neither a filter file nor a directory.")
-    bad = 0
-    names: dict[str, Path] = {}
-    for path in files:
-        try:
-            f = read_filter(path)
-        except PolystreamError as exc:
-            bad += 1
-            display.details(exc.details or [str(exc)])
-            continue
-        if f.name in names:
-            bad += 1
-            display.note(f"{path}: the name {f.name!r} is already used by {names[f.name]}", "red")
-            continue
-        names[f.name] = path
-        display.note(f"ok {path} ({f.name})", "green")
+    checked = list(_check(files))
+    if json_out:
+        display.json_lines(map(_checked_record, checked))
+    else:
+        for c in checked:
+            if c.error is not None:
+                display.details(c.error.details or [str(c.error)])
+            elif c.clash is not None:
+                display.note(f"{c.path}: the name {c.name!r} is already used by {c.clash}", "red")
+            else:
+                display.note(f"ok {c.path} ({c.name})", "green")
+    bad = sum(not c.valid for c in checked)
     if not files:
         display.note(f"no filter files in {', '.join(map(str, targets))}")
     if bad:
@@ -241,15 +395,34 @@ def test(
         ),
     ] = "1m",
     json_out: Annotated[bool, typer.Option("--json", help="Alert records as JSON lines.")] = False,
+    chart: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="OUT",
+            help="Also draw the bars with the alerts marked: .html, .png or .svg (needs "
+            "polystream[chart]); with several symbols, --symbol picks the one drawn.",
+        ),
+    ] = None,
     filters: DirOption = None,
 ) -> None:
-    """When a filter would have fired: on a bar file (bar filters) or a recording (any)."""
+    """When a filter would have fired: on a bar file (bar filters) or a recording (any).
+
+    \b
+    Examples:
+      polystream filter test rsi-oversold --bars bars.csv
+      polystream filter test rsi-oversold --bars bars.csv --chart fired.html
+      polystream filter test whale-trade --replay session.rec.gz -t 5m --json
+    """
     from .analyze import file_symbols, read_bars
     from .app import replay_filters
     from .symbols import normalize
 
     if (bars is None) == (replay is None):
         raise typer.BadParameter("give exactly one of --bars and --replay", param_hint="--bars")
+    if chart is not None:
+        from .chart import output_kind
+
+        output_kind(chart, "--chart")  # a wrong suffix is bad usage, before the test runs
     f = read_filter(_locate(target, [_dir(filters)]))
     if bars is not None:
         if f.on != "bar":
@@ -271,16 +444,40 @@ def test(
         assert replay is not None
         watched = [normalize(symbol)] if symbol else (list(f.symbols) or None)
         tf = f.timeframe or parse_timeframe(timeframe)
-        alerts, final = replay_filters(replay, [f], watched, timeframe=tf)
+        alerts, records = replay_filters(replay, [f], watched, timeframe=tf)
+        if records.height:
+            records = records.filter(pl.col("timeframe") == timeframe_name(tf))
         summary = (
             f"{f.name} fired {len(alerts)} times replaying {replay} "
-            f"({final:,} {timeframe_name(tf)} bars)"
+            f"({records.height:,} {timeframe_name(tf)} bars)"
         )
+    if chart is not None:
+        _chart(chart, records, alerts, symbol, f)
     if json_out:
-        out = display.JsonLines()
-        for a in alerts:
-            out.record(a.record())
+        display.json_lines(a.record() for a in alerts)
     elif alerts:
         display.alert_table(alerts, summary)
     if not alerts or json_out:
         display.note(summary)
+
+
+def _chart(
+    out: Path, bars: pl.DataFrame, alerts: Sequence[Alert], symbol: str | None, f: Filter
+) -> None:
+    """`filter test --chart`: the tested bars of one symbol with the filter's alerts marked."""
+    from . import chart
+    from .symbols import normalize
+
+    held = list(dict.fromkeys(bars["symbol"])) if "symbol" in bars.columns else []
+    if symbol:
+        shown = normalize(symbol)
+    elif len(held) > 1:
+        raise UsageError(
+            f"The bars hold {len(held)} symbols ({', '.join(held[:5])}): pick the one to "
+            "draw with --symbol."
+        )
+    else:
+        shown = held[0] if held else (f.symbols[0] if f.symbols else "X:BTCUSD")
+    title = f"{f.name} on {chart.title_for(bars, shown)}"
+    chart.write_chart(bars, out, symbol=shown, title=title, alerts=alerts)
+    display.stderr_console.print(f"wrote the chart of {shown} to {out}")

@@ -1,6 +1,7 @@
 """Settings from flags, the environment, `.env` and defaults (in that order of precedence).
 
-`load_settings` validates every value and raises `ConfigError` naming the setting at fault.
+`load_settings` merges them and remembers where each value came from; each value is checked
+when it is used and a bad one raises `ConfigError` naming the setting at fault.
 Secrets are never shown whole: `redact` and `Redactor` turn them into `abc…xyz`.
 """
 
@@ -13,6 +14,8 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -225,37 +228,6 @@ def default_state_dir() -> Path:
     return Path(base) / "polystream"
 
 
-class Settings(msgspec.Struct, frozen=True):
-    """Validated configuration; secrets are redacted in `repr`."""
-
-    api_key: str | None = None
-    ws_url: str = DEFAULT_WS_URL
-    rest_url: str = DEFAULT_REST_URL
-    database_url: str | None = None
-    telegram_bot_token: str | None = None
-    telegram_chat_ids: tuple[str, ...] = ()
-    telegram_api_url: str = DEFAULT_TELEGRAM_API_URL
-    filters_dir: Path = Path("filters")
-    state_dir: Path = msgspec.field(default_factory=default_state_dir)
-
-    @property
-    def secrets(self) -> list[str]:
-        found = [self.api_key, self.telegram_bot_token]
-        if self.database_url:
-            found.append(urlsplit(self.database_url).password)
-        return [s for s in found if s]
-
-    def redactor(self) -> Redactor:
-        return Redactor(self.secrets)
-
-    def __repr__(self) -> str:
-        return self.redactor()(
-            "Settings("
-            + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__struct_fields__)
-            + ")"
-        )
-
-
 ENV_VARS = (
     "POLYGON_API_KEY",
     "MASSIVE_API_KEY",
@@ -268,6 +240,139 @@ ENV_VARS = (
     "POLYSTREAM_FILTERS_DIR",
     "POLYSTREAM_STATE_DIR",
 )
+_API_KEY_VARS = ("POLYGON_API_KEY", "MASSIVE_API_KEY")
+SECRET_VARS = (*_API_KEY_VARS, "TELEGRAM_BOT_TOKEN")
+# Values of the settings that have one when unset (the state directory's depends on the user).
+DEFAULTS = {
+    "POLYGON_WS_URL": DEFAULT_WS_URL,
+    "POLYGON_REST_URL": DEFAULT_REST_URL,
+    "TELEGRAM_API_URL": DEFAULT_TELEGRAM_API_URL,
+    "POLYSTREAM_FILTERS_DIR": "filters",
+}
+# Where a value can come from, the first beating the others.
+_LAYERS = ("flag", "env", ".env")
+
+
+class _Url(NamedTuple):
+    """How a URL setting is checked: its schemes, an example for the error, and whether it may
+    carry a user name and password."""
+
+    schemes: tuple[str, ...]
+    example: str
+    credentials: bool = False
+
+
+_URLS = {
+    "POLYGON_WS_URL": _Url(("ws", "wss"), DEFAULT_WS_URL),
+    "POLYGON_REST_URL": _Url(("http", "https"), DEFAULT_REST_URL),
+    "DATABASE_URL": _Url(
+        ("postgresql", "postgres"), "postgresql://user:password@host:5432/database", True
+    ),
+    "TELEGRAM_API_URL": _Url(("http", "https"), DEFAULT_TELEGRAM_API_URL),
+}
+
+
+def _checked_url(name: str, value: str) -> str:
+    spec = _URLS[name]
+    return check_url(name, value, spec.schemes, credentials=spec.credentials, example=spec.example)
+
+
+def _password(url: str) -> str | None:
+    """The password of `scheme://user:password@host…`, found without reading the rest of the
+    URL, which may be malformed."""
+    userinfo = _netloc(url)[1].rpartition("@")[0]
+    return userinfo.partition(":")[2] or None
+
+
+def _chat_ids(text: str) -> tuple[str, ...]:
+    ids = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in ids if not re.fullmatch(r"-?\d+|@\w{4,}", c)]
+    if bad:
+        raise ConfigError(
+            f"Invalid chat id {bad[0]!r} in TELEGRAM_CHAT_ID: "
+            "use numeric ids (or @channelname), comma-separated."
+        )
+    return ids
+
+
+def show_setting(name: str, value: str) -> str:
+    """A setting's value safe to print: a secret as `abc…xyz`, a URL without its password, and
+    nothing of a URL that fails its check (a password can sit in any part of one)."""
+    if name in SECRET_VARS:
+        return redact(value)
+    if name in _URLS:
+        try:
+            return display_url(_checked_url(name, value))
+        except ConfigError:
+            return "(not a valid URL)"
+    return value
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """Configuration: `given` holds each variable's value as given (unset ones are absent),
+    `origins` where it came from (`flag`, `env` or `.env (path:line)`).
+
+    Each property checks its value when it is read, not when the settings load: a bad value
+    stops only a command that uses it (a bad POLYGON_WS_URL does not stop the demo feed), with
+    one sentence naming the setting. `repr` redacts secrets.
+    """
+
+    given: Mapping[str, str] = msgspec.field(default_factory=dict)
+    origins: Mapping[str, str] = msgspec.field(default_factory=dict)
+
+    @property
+    def api_key(self) -> str | None:
+        return self.given.get("POLYGON_API_KEY") or self.given.get("MASSIVE_API_KEY")
+
+    @property
+    def ws_url(self) -> str:
+        return _checked_url("POLYGON_WS_URL", self.given.get("POLYGON_WS_URL", DEFAULT_WS_URL))
+
+    @property
+    def rest_url(self) -> str:
+        return _checked_url(
+            "POLYGON_REST_URL", self.given.get("POLYGON_REST_URL", DEFAULT_REST_URL)
+        )
+
+    @property
+    def database_url(self) -> str | None:
+        url = self.given.get("DATABASE_URL")
+        return _checked_url("DATABASE_URL", url) if url else None
+
+    @property
+    def telegram_bot_token(self) -> str | None:
+        return self.given.get("TELEGRAM_BOT_TOKEN")
+
+    @property
+    def telegram_chat_ids(self) -> tuple[str, ...]:
+        return _chat_ids(self.given.get("TELEGRAM_CHAT_ID", ""))
+
+    @property
+    def telegram_api_url(self) -> str:
+        return _checked_url(
+            "TELEGRAM_API_URL", self.given.get("TELEGRAM_API_URL", DEFAULT_TELEGRAM_API_URL)
+        )
+
+    @property
+    def filters_dir(self) -> Path:
+        return Path(self.given.get("POLYSTREAM_FILTERS_DIR", DEFAULTS["POLYSTREAM_FILTERS_DIR"]))
+
+    @property
+    def state_dir(self) -> Path:
+        given = self.given.get("POLYSTREAM_STATE_DIR")
+        return _state_dir(Path(given) if given else default_state_dir())
+
+    @property
+    def secrets(self) -> list[str]:
+        password = _password(self.given.get("DATABASE_URL", ""))
+        return [s for s in (self.api_key, self.telegram_bot_token, password) if s]
+
+    def redactor(self) -> Redactor:
+        return Redactor(self.secrets)
+
+    def __repr__(self) -> str:
+        shown = (f"{name}={show_setting(name, value)!r}" for name, value in self.given.items())
+        return self.redactor()(f"Settings({', '.join(shown)})")
 
 
 def load_settings(
@@ -275,57 +380,27 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     env_file: Path | None = Path(".env"),
 ) -> Settings:
-    """Merge flags (`overrides`, keyed by variable name) > environment > `.env` > defaults."""
-    merged: dict[str, str] = {}
+    """Merge flags (`overrides`, keyed by variable name) > environment > `.env` > defaults,
+    remembering where each value came from. Only an unreadable `.env` raises here: each value
+    is checked where it is used (see `Settings`)."""
+    chosen: dict[str, tuple[str, str]] = {}
     if env_file is not None and env_file.is_file():
-        merged.update({k: v for k, v in _read_env_file(env_file).items() if v})
+        where = env_file.resolve()
+        for name, (value, line) in _read_env_file(env_file).items():
+            chosen[name] = (value, f".env ({where}:{line})")
     env = os.environ if environ is None else environ
-    merged.update({k: env[k] for k in ENV_VARS if env.get(k)})
-    merged.update({k: v for k, v in (overrides or {}).items() if v})
-
-    api_key = merged.get("POLYGON_API_KEY") or merged.get("MASSIVE_API_KEY")
-    database_url = merged.get("DATABASE_URL")
-    if database_url:
-        check_url(
-            "DATABASE_URL",
-            database_url,
-            ("postgresql", "postgres"),
-            credentials=True,
-            example="postgresql://user:password@host:5432/database",
-        )
-    chat_ids = tuple(c.strip() for c in merged.get("TELEGRAM_CHAT_ID", "").split(",") if c.strip())
-    bad_chat = [c for c in chat_ids if not re.fullmatch(r"-?\d+|@\w{4,}", c)]
-    if bad_chat:
-        raise ConfigError(
-            f"Invalid chat id {bad_chat[0]!r} in TELEGRAM_CHAT_ID: "
-            "use numeric ids (or @channelname), comma-separated."
-        )
-    defaults = Settings()
+    chosen.update({k: (env[k], "env") for k in ENV_VARS if env.get(k)})
+    chosen.update({k: (v, "flag") for k, v in (overrides or {}).items() if v})
+    # One API key: the one from the highest layer (POLYGON_API_KEY when a layer has both).
+    keys = sorted(
+        (k for k in _API_KEY_VARS if k in chosen),
+        key=lambda k: _LAYERS.index(chosen[k][1].split(" ", 1)[0]),
+    )
+    for beaten in keys[1:]:
+        del chosen[beaten]
     return Settings(
-        api_key=api_key,
-        ws_url=check_url(
-            "POLYGON_WS_URL",
-            merged.get("POLYGON_WS_URL", DEFAULT_WS_URL),
-            ("ws", "wss"),
-            example=DEFAULT_WS_URL,
-        ),
-        rest_url=check_url(
-            "POLYGON_REST_URL",
-            merged.get("POLYGON_REST_URL", DEFAULT_REST_URL),
-            ("http", "https"),
-            example=DEFAULT_REST_URL,
-        ),
-        database_url=database_url,
-        telegram_bot_token=merged.get("TELEGRAM_BOT_TOKEN"),
-        telegram_chat_ids=chat_ids,
-        telegram_api_url=check_url(
-            "TELEGRAM_API_URL",
-            merged.get("TELEGRAM_API_URL", DEFAULT_TELEGRAM_API_URL),
-            ("http", "https"),
-            example=DEFAULT_TELEGRAM_API_URL,
-        ),
-        filters_dir=Path(merged.get("POLYSTREAM_FILTERS_DIR", str(defaults.filters_dir))),
-        state_dir=_state_dir(Path(merged.get("POLYSTREAM_STATE_DIR", str(defaults.state_dir)))),
+        given=MappingProxyType({k: value for k, (value, _) in chosen.items()}),
+        origins=MappingProxyType({k: origin for k, (_, origin) in chosen.items()}),
     )
 
 
@@ -334,11 +409,13 @@ def _state_dir(path: Path) -> Path:
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ConfigError(
-            f"POLYSTREAM_STATE_DIR {path} cannot be a directory: {existing} is a file."
+            f"POLYSTREAM_STATE_DIR {path} cannot be a directory, as {existing} is a file: "
+            "point it elsewhere."
         )
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"POLYSTREAM_STATE_DIR {path} cannot be written: {existing} does not allow it."
+            f"POLYSTREAM_STATE_DIR {path} cannot be written, as {existing} does not allow it: "
+            "point it elsewhere, or allow it."
         )
     return path
 
@@ -346,21 +423,26 @@ def _state_dir(path: Path) -> Path:
 _warned: set[tuple[str, int, int]] = set()
 
 
-def _read_env_file(path: Path) -> dict[str, str | None]:
-    """The variables of a `.env` file; a line that is not NAME=value is reported (once per
-    version of the file) with the file and line, and ignored."""
+def _read_env_file(path: Path) -> dict[str, tuple[str, int]]:
+    """polystream's variables set in a `.env` file, each with the line that sets it; a line
+    that is not NAME=value is reported (once per version of the file) with the file and line,
+    and ignored."""
     try:
         text = path.read_text(encoding="utf-8")
         stamp = path.stat()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Cannot read {path}: {getattr(exc, 'strerror', None) or exc}.") from None
     key = (str(path.resolve()), stamp.st_mtime_ns, stamp.st_size)
-    if key not in _warned:
-        _warned.add(key)
-        for binding in parse_stream(io.StringIO(text)):
-            if binding.error:
-                logging.getLogger(__name__).warning(
-                    "%s line %d is not NAME=value and was ignored", path, binding.original.line
-                )
+    report = key not in _warned
+    _warned.add(key)
+    lines: dict[str, int] = {}
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error and report:
+            logging.getLogger(__name__).warning(
+                "%s line %d is not NAME=value and was ignored", path, binding.original.line
+            )
+        elif binding.key is not None:
+            lines[binding.key] = binding.original.line  # a later line wins, as in dotenv
     logging.getLogger("dotenv.main").setLevel(logging.ERROR)  # reported above, once
-    return dotenv_values(stream=io.StringIO(text))
+    values = dotenv_values(stream=io.StringIO(text))
+    return {k: (v, lines[k]) for k, v in values.items() if v and k in ENV_VARS and k in lines}

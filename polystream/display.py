@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, NamedTuple
 
 import msgspec
@@ -61,6 +61,8 @@ _NOTICE_STYLE = {
     "filter_added": "cyan",
     "filter_changed": "cyan",
     "filter_removed": "cyan",
+    "warning": "yellow",
+    "critical": "bold red",
 }
 _SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "critical": "bold red"}
 
@@ -127,6 +129,50 @@ def setup_logging(redactor: Redactor, debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
     for noisy in ("websockets", "websocket", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.CRITICAL)
+
+
+class PanelLog(logging.Handler):
+    """While the dashboard is on screen, a log record becomes one line of its feed panel (the
+    level, then the message's first line and the exception's one-line summary) instead of a
+    block printed above the live view. It takes the stderr handler's filters, so secrets are
+    scrubbed the same way."""
+
+    def __init__(self, notices: deque[Notice], filters: Iterable[Any] = ()) -> None:
+        super().__init__(logging.WARNING)
+        for f in filters:
+            self.addFilter(f)
+        self._notices = notices
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = record.getMessage().strip().splitlines()
+        detail = lines[0] if lines else ""
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            summary = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            detail = f"{detail} ({summary})" if detail else summary
+        if detail != record.getMessage():  # the exception's text passes the filters too
+            scrubbed = logging.makeLogRecord({"msg": detail, "levelno": record.levelno})
+            self.filter(scrubbed)
+            detail = scrubbed.getMessage()
+        level = "critical" if record.levelno >= logging.ERROR else "warning"
+        # deque.append is atomic: records from worker threads need no lock
+        self._notices.append(Notice(level, int(record.created * 1000), detail))
+
+
+@contextlib.contextmanager
+def logs_into(notices: deque[Notice]) -> Iterator[None]:
+    """Route the root logger's records into `notices` for as long as the block runs (not with
+    `--debug`, whose verbose records and tracebacks keep their stderr handler)."""
+    root = logging.getLogger()
+    if root.level <= logging.DEBUG or not root.handlers:
+        yield
+        return
+    saved = root.handlers[:]
+    root.handlers[:] = [PanelLog(notices, [f for h in saved for f in h.filters])]
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
 
 
 def error(message: str) -> None:
@@ -483,6 +529,7 @@ class Dashboard(BaseSink):
         self._notices: deque[Notice] = deque(maxlen=_NOTICE_LINES)
         self._live = Live(console=console, refresh_per_second=4, transient=False)
         self._started = False
+        self._logs = contextlib.ExitStack()
 
     def write(self, out: Output) -> None:
         self.board.update(out)
@@ -490,6 +537,7 @@ class Dashboard(BaseSink):
 
     def tick(self, view: View) -> Sequence[Notice]:
         if not self._started:
+            self._logs.enter_context(logs_into(self._notices))
             self._live.start()
             self._started = True
         self._live.update(self.render(view))
@@ -498,6 +546,7 @@ class Dashboard(BaseSink):
     def close(self, view: View) -> Sequence[Notice]:
         self.tick(view)
         self._live.stop()
+        self._logs.close()
         return ()
 
     def render(self, view: View) -> Group:
@@ -810,27 +859,59 @@ def migration_table(rows: list[tuple[str, bool]]) -> None:
     stdout_console.print(table)
 
 
+# In plain backfill output (`--json`, or stderr is not a terminal), a wait this long or shorter
+# prints nothing.
+PLAIN_WAIT = 5.0
+
+
+def _seconds(value: float) -> int:
+    """Whole seconds, rounded up: a wait that is not over never shows 0s."""
+    return int(-(-value // 1))
+
+
+def _eta_or_wait() -> Any:
+    """A progress column: the time left, or, while requests wait, how long still and why."""
+    from rich.progress import ProgressColumn, Task, TimeRemainingColumn
+
+    class EtaOrWait(ProgressColumn):
+        def __init__(self) -> None:
+            super().__init__()
+            self._eta = TimeRemainingColumn()
+
+        def render(self, task: Task) -> Text:
+            pause = task.fields.get("pause")
+            if pause is None:
+                return self._eta.render(task)
+            until, reason = pause
+            left = _seconds(max(0.0, until - time.monotonic()))
+            return Text(f"waiting {left}s ({reason})", style="yellow")
+
+    return EtaOrWait()
+
+
 class BackfillProgress:
-    """`backfill`: a progress bar per symbol with rows fetched and the time left."""
+    """`backfill`: a progress bar per symbol with rows fetched and the time left, or, while
+    requests wait, how long and why (the rate limit, a 429, a server error), so that a stalled
+    bar is never a mystery. Plain (`plain`, or stderr is not a terminal): no bars, and one line
+    for each wait longer than `PLAIN_WAIT` seconds."""
 
-    def __init__(self, symbols: list[str], start_ms: int, end_ms: int) -> None:
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+    def __init__(self, starts: dict[str, int], end_ms: int, *, plain: bool = False) -> None:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-        self._start = start_ms
+        self._starts = starts
+        self._live = not plain and stderr_console.is_terminal
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
+            TaskProgressColumn(),
             TextColumn("{task.fields[rows]:>12,} rows"),
-            TimeRemainingColumn(),
+            _eta_or_wait(),
             console=stderr_console,
+            disable=not self._live,
         )
         self._tasks = {
-            s: self._progress.add_task(s, total=max(1, end_ms - start_ms), rows=0) for s in symbols
+            s: self._progress.add_task(s, total=max(1, end_ms - start), rows=0, pause=None)
+            for s, start in starts.items()
         }
 
     def __enter__(self) -> BackfillProgress:
@@ -846,5 +927,32 @@ class BackfillProgress:
             return
         fields = self._progress.tasks[task].fields
         self._progress.update(
-            task, completed=max(0, done_ms - self._start), rows=fields["rows"] + rows
+            task, completed=max(0, done_ms - self._starts[symbol]), rows=fields["rows"] + rows
         )
+
+    def waiting(self, symbol: str, wait: tuple[float, str] | None) -> None:
+        """Told by the REST client (`rest.WaitObserver`): a wait begins, or (None) is over."""
+        task = self._tasks.get(symbol)
+        if task is None:
+            return
+        if not self._live:
+            if wait is not None and wait[0] > PLAIN_WAIT:
+                note(f"{symbol}: waiting {_seconds(wait[0])}s ({wait[1]})", "yellow")
+            return
+        pause = None if wait is None else (time.monotonic() + wait[0], wait[1])
+        self._progress.update(task, pause=pause)
+
+
+def json_lines(records: Iterable[dict[str, object]]) -> None:
+    """`--json` of the commands that print data (`filter list/show/validate`, `migrate --list`):
+    one object per line on stdout, through `JsonLines`, so that a reader that goes away ends
+    the command quietly."""
+    out = JsonLines()
+    for record in records:
+        out.record(record)
+
+
+def frame_json_lines(frame: pl.DataFrame) -> None:
+    """`analyze --json`: every row of the frame as one JSON object per line, as polars writes
+    them (integer times stay integers, nulls are null)."""
+    JsonLines()._emit(frame.write_ndjson().encode())

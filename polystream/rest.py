@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 import msgspec
@@ -65,6 +65,19 @@ class Progress(Protocol):
     """Told after every non-empty page: rows in it and the time (ms) the walk has reached."""
 
     def __call__(self, symbol: str, rows: int, done_ms: int) -> None: ...
+
+
+class Wait(NamedTuple):
+    """A pause before the next request, so that a stalled progress bar can say why."""
+
+    seconds: float
+    reason: str  # "rate limit 5/min", "429 from the server", "server error 503, retry 2"
+
+
+class WaitObserver(Protocol):
+    """Told when a request for `symbol` must wait, then with None when requests go on."""
+
+    def __call__(self, symbol: str, wait: Wait | None) -> None: ...
 
 
 def timespan(timeframe_ms: int) -> tuple[int, str]:
@@ -123,8 +136,14 @@ class RateLimiter:
         self._sleep = sleep
         self._times: collections.deque[float] = collections.deque()
 
-    def acquire(self) -> float:
-        """Block until a request may be sent; return the seconds waited."""
+    @property
+    def text(self) -> str:
+        """The limit as users set it: `5/min`."""
+        return f"{self.limit}/min" if self.window == 60.0 else f"{self.limit} per {self.window:g}s"
+
+    def acquire(self, pause: Callable[[float], None] | None = None) -> float:
+        """Block until a request may be sent, through `pause(seconds)` when given; return the
+        seconds waited."""
         if self.limit == 0:
             return 0.0
         waited = 0.0
@@ -133,7 +152,7 @@ class RateLimiter:
             if delay <= 0:
                 self._times.popleft()
                 continue
-            self._sleep(delay)
+            (pause or self._sleep)(delay)
             waited += delay
         self._times.append(self._clock())
         return waited
@@ -155,6 +174,7 @@ class RestClient:
         window: float = 60.0,
         timeout: float = 30.0,
         max_pages: int = 1_000_000,
+        on_wait: WaitObserver | None = None,
     ) -> None:
         if not api_key:
             raise RestError("No API key for the REST API: set POLYGON_API_KEY or MASSIVE_API_KEY.")
@@ -170,7 +190,10 @@ class RestClient:
         self.backoff_max = backoff_max
         self.timeout = timeout
         self.max_pages = max_pages
+        self.on_wait = on_wait
         self.requests_sent = 0
+        self.pages_received = 0
+        self.waited = 0.0  # seconds paused for the rate limit and between retries
 
     def __repr__(self) -> str:
         return (
@@ -278,15 +301,18 @@ class RestClient:
         # stays exact.
         backoff = Backoff(self.backoff_initial, self.backoff_max, jitter=0.0)
         problem = ""
+        limited = f"rate limit {self.limiter.text}"
         for attempt in range(self.max_retries + 1):
-            self.limiter.acquire()
+            self.limiter.acquire(lambda seconds: self._pause(ticker, Wait(seconds, limited)))
             self.requests_sent += 1
+            retry = f"retry {attempt + 1}"
             try:
                 resp = self.session.get(url, headers=headers, timeout=self.timeout)
             except requests.RequestException as exc:
                 problem = f"could not be reached ({type(exc).__name__})"
                 delay = backoff.next()
                 detail = self._redact(str(exc))
+                why = f"server not reached, {retry}"
             else:
                 if resp.status_code == 429:
                     problem = "kept answering HTTP 429 Too Many Requests"
@@ -295,28 +321,47 @@ class RestClient:
                     if hinted is not None:
                         delay = hinted
                     detail = "HTTP 429"
+                    why = "429 from the server"
                 elif resp.status_code in _RETRY_STATUSES:
                     problem = f"kept answering HTTP {resp.status_code}"
                     delay = backoff.next()
                     detail = f"HTTP {resp.status_code}"
+                    why = f"server error {resp.status_code}, {retry}"
                 else:
-                    return self._decode(resp, ticker, what)
+                    body = self._decode(resp, ticker, what)
+                    self.pages_received += 1
+                    return body
             if attempt == self.max_retries:
                 break
-            log.warning(
+            # An observer shows the wait already: the line is then for --debug.
+            log.log(
+                logging.DEBUG if self.on_wait else logging.WARNING,
                 "%s",
                 self._redact(
                     f"REST request for {what} failed ({detail}); "
                     f"retry {attempt + 1} of {self.max_retries} in {delay:.1f}s"
                 ),
             )
-            time.sleep(delay)
+            self._pause(ticker, Wait(delay, why))
         raise RestError(
             self._redact(
                 f"The REST API at {self.base_url} {problem} while fetching {what}, "
                 f"{self.max_retries} retries included: check the network or try again later."
             )
         )
+
+    def _pause(self, ticker: str, wait: Wait) -> None:
+        """Sleep, telling `on_wait` before and after; the time counts even when Ctrl-C cuts
+        it short."""
+        if self.on_wait is not None:
+            self.on_wait(ticker, wait)
+        began = time.monotonic()
+        try:
+            time.sleep(wait.seconds)
+        finally:
+            self.waited += time.monotonic() - began
+            if self.on_wait is not None:
+                self.on_wait(ticker, None)
 
     def _decode(self, resp: requests.Response, ticker: str, what: str) -> dict[str, Any]:
         try:

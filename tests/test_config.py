@@ -1,11 +1,17 @@
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import API_KEY
 from polystream.config import (
     DEFAULT_REST_URL,
     DEFAULT_TELEGRAM_API_URL,
     DEFAULT_WS_URL,
+    ENV_VARS,
     Redactor,
     check_url,
     display_url,
@@ -14,10 +20,21 @@ from polystream.config import (
     parse_duration,
     parse_timeframe,
     redact,
+    show_setting,
 )
 from polystream.errors import ConfigError
+from polystream.simulator import DemoFeed
 
 KEY = "pk_live_0123456789abcdef"
+
+# The attribute of `Settings` that reads (and checks) each variable.
+ATTRIBUTES = {
+    "DATABASE_URL": "database_url",
+    "POLYGON_WS_URL": "ws_url",
+    "POLYGON_REST_URL": "rest_url",
+    "TELEGRAM_API_URL": "telegram_api_url",
+    "TELEGRAM_CHAT_ID": "telegram_chat_ids",
+}
 
 
 @pytest.fixture
@@ -68,8 +85,9 @@ def test_massive_key_is_accepted() -> None:
     ],
 )
 def test_invalid_values_name_the_setting(name: str, value: str) -> None:
+    settings = load_settings({}, environ={name: value}, env_file=None)  # checked on use
     with pytest.raises(ConfigError) as info:
-        load_settings({}, environ={name: value}, env_file=None)
+        getattr(settings, ATTRIBUTES[name])
     message = str(info.value)
     assert name in message
     assert "secretpw" not in message
@@ -167,10 +185,12 @@ BAD_URLS = [
 def test_every_malformed_url_is_one_sentence_naming_the_setting(
     setting: str, value: str, words: str
 ) -> None:
+    settings = load_settings({}, environ={setting: value}, env_file=None)
     with pytest.raises(ConfigError) as info:
-        load_settings({}, environ={setting: value}, env_file=None)
+        getattr(settings, ATTRIBUTES[setting])
     message = str(info.value)
     assert setting in message and words in message, message
+    assert PASSWORD not in repr(settings)
     assert PASSWORD not in message
     assert message.endswith(".") and ". " not in message and "\n" not in message
 
@@ -181,8 +201,9 @@ def test_malformed_urls_in_dotenv_are_refused_too(
 ) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text(f"{setting}='{value}'\n")
+    settings = load_settings({}, environ={}, env_file=env_file)
     with pytest.raises(ConfigError, match=words) as info:
-        load_settings({}, environ={}, env_file=env_file)
+        getattr(settings, ATTRIBUTES[setting])
     assert PASSWORD not in str(info.value)
 
 
@@ -212,13 +233,7 @@ def test_malformed_urls_in_dotenv_are_refused_too(
 )
 def test_valid_url_forms_are_accepted(setting: str, value: str, stored: str | None) -> None:
     s = load_settings({}, environ={setting: value}, env_file=None)
-    field = {
-        "DATABASE_URL": "database_url",
-        "POLYGON_WS_URL": "ws_url",
-        "POLYGON_REST_URL": "rest_url",
-        "TELEGRAM_API_URL": "telegram_api_url",
-    }[setting]
-    assert getattr(s, field) == (stored or value)
+    assert getattr(s, ATTRIBUTES[setting]) == (stored or value)
     repr(s)  # the redactor parses the database URL again: it must not raise
 
 
@@ -280,7 +295,184 @@ def test_a_state_dir_that_can_never_be_one_is_refused(tmp_path: Path) -> None:
     # Before: accepted silently, failing later wherever state was first written.
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match=r"POLYSTREAM_STATE_DIR .* is a file\."):
-        load_settings(environ={"POLYSTREAM_STATE_DIR": str(blocker / "state")}, env_file=None)
+    blocked = load_settings(environ={"POLYSTREAM_STATE_DIR": str(blocker / "state")}, env_file=None)
+    with pytest.raises(ConfigError, match=r"POLYSTREAM_STATE_DIR .* is a file: point it"):
+        blocked.state_dir  # noqa: B018
     fine = load_settings(environ={"POLYSTREAM_STATE_DIR": str(tmp_path / "new" / "state")})
     assert fine.state_dir == tmp_path / "new" / "state"
+
+
+# --- where each value came from ----------------------------------------------------------------
+
+
+def test_origins_flag_env_dotenv_default(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "# settings\n"
+        "POLYGON_WS_URL=wss://dotenv.example/crypto\n"
+        "POLYGON_REST_URL=https://dotenv.example\n"
+        "DATABASE_URL=postgresql://dotenv.example/x\n"
+        "UNRELATED=kept out\n"
+    )
+    s = load_settings(
+        {"DATABASE_URL": "postgresql://flag.example/x", "POLYGON_API_KEY": None},
+        environ={"POLYGON_REST_URL": "https://env.example", "DATABASE_URL": "postgresql://e/x"},
+        env_file=env_file,
+    )
+    assert (s.ws_url, s.rest_url, s.database_url, s.telegram_api_url) == (
+        "wss://dotenv.example/crypto",
+        "https://env.example",
+        "postgresql://flag.example/x",
+        DEFAULT_TELEGRAM_API_URL,
+    )
+    assert dict(s.origins) == {
+        "POLYGON_WS_URL": f".env ({env_file.resolve()}:2)",
+        "POLYGON_REST_URL": "env",
+        "DATABASE_URL": "flag",
+    }
+    assert set(s.given) == set(s.origins)  # unset ones (and foreign .env lines) are absent
+
+
+def test_a_later_dotenv_line_wins_and_is_the_one_named(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("POLYGON_API_KEY=first-000000000\nPOLYGON_API_KEY=second-00000000\n")
+    s = load_settings(environ={}, env_file=env_file)
+    assert s.api_key == "second-00000000"
+    assert s.origins["POLYGON_API_KEY"] == f".env ({env_file.resolve()}:2)"
+
+
+def test_the_api_key_from_the_highest_layer_wins_whatever_its_name(tmp_path: Path) -> None:
+    # Before: POLYGON_API_KEY in .env beat MASSIVE_API_KEY in the environment.
+    env_file = tmp_path / ".env"
+    env_file.write_text("POLYGON_API_KEY=from-dotenv-000000\n")
+    s = load_settings({}, environ={"MASSIVE_API_KEY": KEY}, env_file=env_file)
+    assert s.api_key == KEY
+    assert dict(s.origins) == {"MASSIVE_API_KEY": "env"}
+    s = load_settings({"POLYGON_API_KEY": "from-flag-111111"}, {"MASSIVE_API_KEY": KEY}, None)
+    assert (s.api_key, dict(s.origins)) == ("from-flag-111111", {"POLYGON_API_KEY": "flag"})
+    both = {"MASSIVE_API_KEY": "massive-0000000", "POLYGON_API_KEY": KEY}
+    s = load_settings({}, environ=both, env_file=None)
+    assert (s.api_key, dict(s.origins)) == (KEY, {"POLYGON_API_KEY": "env"})
+
+
+def test_a_bad_value_stops_only_what_reads_it() -> None:
+    bad = {
+        "POLYGON_WS_URL": "http://socket.example",
+        "POLYGON_REST_URL": "ftp://api.example",
+        "DATABASE_URL": f"mysql://u:{PASSWORD}@db/x",
+        "TELEGRAM_API_URL": f"https://u:{PASSWORD}@bots.example",
+        "TELEGRAM_CHAT_ID": "12,abc",
+        "POLYGON_API_KEY": KEY,
+    }
+    s = load_settings({}, environ=bad, env_file=None)  # loads: nothing read it yet
+    assert s.api_key == KEY and s.filters_dir == Path("filters")
+    for name, attribute in ATTRIBUTES.items():
+        with pytest.raises(ConfigError, match=name):
+            getattr(s, attribute)
+    shown = repr(s)
+    assert PASSWORD not in shown and KEY not in shown
+    assert "POLYGON_WS_URL='(not a valid URL)'" in shown
+
+
+def test_show_setting_never_shows_a_secret() -> None:
+    assert show_setting("POLYGON_API_KEY", KEY) == redact(KEY)
+    assert show_setting("TELEGRAM_BOT_TOKEN", "123456:ABCdefGhIJKlmNoPQRsTUVwxyZ") == "123…xyZ"
+    url = f"postgresql://me:{PASSWORD}@db.local:5432/m"
+    assert show_setting("DATABASE_URL", url) == "postgresql://me:…@db.local:5432/m"
+    # a malformed URL may hold the password anywhere: none of it is shown
+    assert show_setting("DATABASE_URL", f"postgresql://me:{PASSWORD}/m") == "(not a valid URL)"
+    assert show_setting("POLYSTREAM_FILTERS_DIR", "my/filters") == "my/filters"
+
+
+# --- the command: a URL is checked only by what uses it ----------------------------------------
+
+
+def polystream(
+    cwd: Path, *args: str, timeout: float = 60, **variables: str
+) -> subprocess.CompletedProcess[str]:
+    """The command as users run it, in `cwd` (whose .env it reads), with none of polystream's
+    variables in the environment but `variables`, and its state under `cwd`."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env.update({"XDG_STATE_HOME": str(cwd / "xdg"), "COLUMNS": "120", **variables})
+    return subprocess.run(
+        [sys.executable, "-m", "polystream", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_sentence(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """The single error line of a run that exited 1, checked to hold `words`."""
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("polystream: error: "), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+BAD_FEED_URLS = {
+    "POLYGON_WS_URL": f"http://u:{PASSWORD}@socket.example/crypto",
+    "POLYGON_REST_URL": "ftp://api.example",
+}
+
+
+def place(cwd: Path, where: str, variables: dict[str, str]) -> dict[str, str]:
+    """Put `variables` in `cwd`'s .env (returning no environment), or return them as one."""
+    if where == "env":
+        return variables
+    (cwd / ".env").write_text("".join(f"{k}='{v}'\n" for k, v in variables.items()))
+    return {}
+
+
+@pytest.mark.parametrize("where", ["env", ".env"])
+def test_demo_and_replay_run_despite_bad_feed_urls(tmp_path: Path, where: str) -> None:
+    # Before: `polystream demo` stopped at a bad POLYGON_WS_URL it never uses.
+    variables = place(tmp_path, where, BAD_FEED_URLS)
+    rec = tmp_path / "demo.rec"
+    demo = polystream(
+        tmp_path, "demo", "--no-ui", "--json", "--duration", "1", "--record", str(rec), **variables
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert any(json.loads(line)["type"] == "bar" for line in demo.stdout.splitlines())
+    replay = polystream(tmp_path, "watch", "X:BTCUSD", "--feed", str(rec), "--no-ui", **variables)
+    assert replay.returncode == 0, replay.stderr
+    assert PASSWORD not in demo.stderr + replay.stderr
+
+
+@pytest.mark.parametrize("where", ["env", ".env"])
+def test_what_uses_a_bad_feed_url_stops_with_one_sentence(tmp_path: Path, where: str) -> None:
+    variables = place(tmp_path, where, {**BAD_FEED_URLS, "POLYGON_API_KEY": KEY})
+    watch = polystream(tmp_path, "watch", "X:BTCUSD", "--no-ui", "--duration", "1", **variables)
+    assert PASSWORD not in one_sentence(watch, "POLYGON_WS_URL", "ws:// or wss://")
+    backfill = polystream(
+        tmp_path, "backfill", "X:BTCUSD", "--from", "2024-05-01", "-o", "b.csv", **variables
+    )
+    one_sentence(backfill, "POLYGON_REST_URL")
+
+
+def test_flags_beat_bad_settings_and_the_key_stays_hidden(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("POLYGON_WS_URL=http://dotenv.example\n")
+    with DemoFeed(api_key=API_KEY, bar_seconds=0.05) as feed:
+        result = polystream(
+            tmp_path,
+            "watch",
+            "X:BTCUSD",
+            "--no-ui",
+            "--json",
+            "--duration",
+            "1",
+            "--no-warmup",
+            "--ws-url",
+            feed.url,
+            "--api-key",
+            API_KEY,
+            "--no-store",
+            POLYGON_API_KEY="pk_refused_by_the_feed_000",
+            DATABASE_URL="mysql://not-used-with-no-store",
+        )
+    assert result.returncode == 0, result.stderr
+    assert "subscribed" in result.stdout
+    assert API_KEY not in result.stdout + result.stderr

@@ -320,3 +320,58 @@ def _text_of(dashboard: Dashboard) -> str:
     console = Console(record=True, width=160, height=50, file=io.StringIO())
     console.print(dashboard.render(view()))
     return console.export_text()
+
+
+@pytest.fixture
+def logging_state() -> Iterator[None]:
+    """Leave the logging set-up as the test found it (`setup_logging` changes it globally)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {n: logging.getLogger(n).level for n in ("websockets", "websocket", "urllib3")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, was in noisy.items():
+        logging.getLogger(name).setLevel(was)
+
+
+def test_log_records_become_one_line_each_in_the_feed_panel(logging_state: None) -> None:
+    """While the dashboard is live a warning from any thread is one line of its feed panel
+    (message and exception summary, secrets scrubbed), not a block above the screen; the stderr
+    handler is back when the dashboard closes."""
+    import logging
+    import threading
+
+    from polystream.config import Redactor
+    from polystream.display import setup_logging
+
+    secret = "sk_live_abcdefghijklmnop"
+    setup_logging(Redactor([secret]))
+    root = logging.getLogger()
+    before = root.handlers[:]
+    out = io.StringIO()
+    console = Console(record=True, width=160, height=50, file=out, force_terminal=True)
+    dashboard = Dashboard(list(SYMBOLS), "1s", console, timeframes=("1s", "1m"))
+    dashboard.tick(view())
+
+    def fail() -> None:
+        try:
+            raise ConnectionError(f"refused with key {secret}\nsecond line of detail")
+        except ConnectionError:
+            logging.getLogger("polystream.rest").warning("REST request failed", exc_info=True)
+
+    worker = threading.Thread(target=fail)
+    worker.start()
+    worker.join()
+    logging.getLogger("polystream.store").error("writer stopped: disk full")
+    panel = _text_of(dashboard)
+    dashboard.close(view())
+    assert root.handlers == before
+    lines = [line for line in panel.splitlines() if "REST request failed" in line]
+    assert len(lines) == 1
+    assert "warning REST request failed (ConnectionError: refused with key" in lines[0]
+    assert "critical writer stopped: disk full" in panel
+    assert secret not in panel and secret not in out.getvalue()
+    assert "second line of detail" not in panel and "Traceback" not in out.getvalue()

@@ -16,7 +16,15 @@ import pytest
 from rich.console import Console
 
 from polystream.display import Dashboard
-from polystream.filters import Alert, load_directory, read_filter, shipped_dir
+from polystream.filters import (
+    Alert,
+    FilterError,
+    load_directory,
+    parse_filter,
+    read_filter,
+    shipped_dir,
+    write_last_fired,
+)
 from polystream.sinks import FeedState, Output, View
 from test_cli import assert_one_sentence_error, env, records, run
 
@@ -365,6 +373,7 @@ def test_test_on_a_replay(tmp_path: Path, filters_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     alerts = records(result.stdout)
     assert [a["time"] for a in alerts] == [T0 + 1000 * k for k in range(12)]
+    assert {a["type"] for a in alerts} == {"alert"}  # the summary is not on stdout
     assert "fired 12 times replaying" in result.stderr
 
 
@@ -466,6 +475,204 @@ def test_a_filter_for_one_symbol_fires_only_for_it_in_a_file_of_several(tmp_path
     alerts = records(result.stdout)
     assert alerts and {a["symbol"] for a in alerts} == {"X:ETHUSD"}
     assert "rsi-low watches only X:ETHUSD" in result.stderr
+
+
+# -- --json ------------------------------------------------------------------------------------
+
+DIP = """\
+name: btc-dip
+description: a dip on BTC and ETH
+symbols: [btcusd, ETH-USD]
+timeframe: 5m
+when: rsi(14) < 30
+trigger: level
+cooldown: 90s
+severity: critical
+message: "{symbol} RSI {rsi_14:.1f}"
+notify: [console, telegram]
+"""
+QUOTE_WIDE = "name: wide\non: quote\nwhen: spread > 5\ncooldown: 1500ms\n"
+
+
+def json_lines(stdout: str) -> list[dict[str, object]]:
+    """Every line of stdout, each of which must be one JSON object."""
+    lines = stdout.splitlines()
+    assert lines and all(line.startswith("{") and line.endswith("}") for line in lines), stdout
+    return [json.loads(line) for line in lines]
+
+
+def test_list_json_has_every_setting_and_the_invalid_files(
+    tmp_path: Path, filters_dir: Path
+) -> None:
+    (filters_dir / "every-bar.yaml").write_text(EVERY_BAR)
+    (filters_dir / "dip.yaml").write_text(DIP)
+    (filters_dir / "wide.yaml").write_text(QUOTE_WIDE)
+    (filters_dir / "broken.yaml").write_text("name: broken\nwhen: 1 +\n")
+    write_last_fired(tmp_path / "state", [("btc-dip", T0)])
+    result = run(tmp_path, "filter", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    by_name = {r["name"]: r for r in json_lines(result.stdout)}
+    assert sorted(by_name) == ["broken", "btc-dip", "every-bar", "wide"]
+    assert by_name["btc-dip"] == {
+        "name": "btc-dip",
+        "file": "filters/dip.yaml",
+        "valid": True,
+        "description": "a dip on BTC and ETH",
+        "on": "bar",
+        "timeframe": "5m",
+        "symbols": ["X:BTCUSD", "X:ETHUSD"],
+        "when": "rsi(14) < 30",
+        "trigger": "level",
+        "cooldown": 90,
+        "severity": "critical",
+        "message": "{symbol} RSI {rsi_14:.1f}",
+        "notify": ["console", "telegram"],
+        "last_fired": T0,
+    }
+    every = by_name["every-bar"]
+    assert (every["timeframe"], every["symbols"], every["cooldown"]) == ("1s", [], None)
+    assert (every["message"], every["last_fired"], every["notify"]) == (
+        "{symbol} closed at {close}", None, ["console"],
+    )  # fmt: skip
+    wide = by_name["wide"]
+    assert (wide["on"], wide["timeframe"], wide["cooldown"], wide["trigger"]) == (
+        "quote", None, 1.5, "edge",
+    )  # fmt: skip
+    broken = by_name["broken"]
+    assert broken["valid"] is False and broken["file"] == "filters/broken.yaml"
+    assert "broken.yaml is not a valid filter" in str(broken["error"])
+    message = "expected a number, a name or '(', found the end of the expression"
+    assert broken["problems"] == [{"line": 2, "column": 10, "message": message}]
+
+
+def test_list_shipped_json_matches_the_shipped_files(tmp_path: Path) -> None:
+    shipped = load_directory(shipped_dir()).filters
+    result = run(tmp_path, "filter", "list", "--shipped", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json_lines(result.stdout)
+    assert [r["name"] for r in listed] == list(shipped)
+    for r in listed:
+        f = read_filter(Path(str(r["file"])))
+        assert (r["name"], r["when"], r["on"], r["severity"]) == (f.name, f.when, f.on, f.severity)
+        assert r["valid"] is True and r["last_fired"] is None
+
+
+def test_empty_list_json_prints_nothing_on_stdout(tmp_path: Path, filters_dir: Path) -> None:
+    result = run(tmp_path, "filter", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and "no filters in filters" in result.stderr
+
+
+def test_show_json_is_the_list_record(tmp_path: Path, filters_dir: Path) -> None:
+    (filters_dir / "dip.yaml").write_text(DIP)
+    (filters_dir / "broken.yaml").write_text("name: broken\nwhen: 1 +\n")
+    listed = {r["name"]: r for r in json_lines(run(tmp_path, "filter", "list", "--json").stdout)}
+    for name in ("btc-dip", "broken"):
+        shown = run(tmp_path, "filter", "show", name, "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert json_lines(shown.stdout) == [listed[name]]
+    missing = run(tmp_path, "filter", "show", "nope", "--json")
+    assert_one_sentence_error(missing, "not the name of a filter")
+    assert missing.stdout == ""
+
+
+def test_validate_json_has_one_object_per_file(tmp_path: Path, filters_dir: Path) -> None:
+    (filters_dir / "good.yaml").write_text(EVERY_BAR)
+    (filters_dir / "bad.yaml").write_text(
+        "name: bad\non: trade\ntimeframe: 1m\nwhen: rsi(14) < 30\nnotify: [pager]\n"
+    )
+    (filters_dir / "quote.yaml").write_text('name: quote\nwhen: "close > 1\n')
+    (filters_dir / "twin.yaml").write_text(EVERY_BAR)
+    result = run(tmp_path, "filter", "validate", "--json")
+    assert_one_sentence_error(result, "3 of 4")
+    assert "ok filters" not in result.stderr and "bad.yaml:" not in result.stderr
+    checked = {r["file"]: r for r in json_lines(result.stdout)}
+    assert checked["filters/good.yaml"] == {
+        "file": "filters/good.yaml", "valid": True, "name": "every-bar", "problems": [],
+    }  # fmt: skip
+    bad = checked["filters/bad.yaml"]
+    assert bad["valid"] is False and "name" not in bad
+    assert [(p["line"], p["column"]) for p in bad["problems"]] == [(3, 1), (4, 7), (5, 10)]
+    assert str(bad["problems"][2]["message"]).startswith("unknown notifier 'pager'")
+    quote = checked["filters/quote.yaml"]["problems"]
+    assert [(p["line"], p["column"]) for p in quote] == [(2, 17)]
+    twin = checked["filters/twin.yaml"]
+    assert twin["valid"] is False and twin["name"] == "every-bar"
+    assert twin["problems"] == [
+        {
+            "line": None,
+            "column": None,
+            "message": "the name 'every-bar' is already used by filters/good.yaml",
+        }
+    ]
+    good = run(tmp_path, "filter", "validate", "--json", str(filters_dir / "good.yaml"))
+    assert good.returncode == 0, good.stderr
+    assert [r["valid"] for r in json_lines(good.stdout)] == [True]
+
+
+# -- YAML syntax errors ---------------------------------------------------------------------------
+
+BROKEN_YAML = {
+    "unclosed quote": (
+        'name: q\nwhen: "close > 1\nseverity: info\n\n',
+        (3, 15),
+        ["quoted string that starts at line 2, column 7", "expected the closing quote"],
+    ),
+    "unclosed single quote": (
+        "name: q\nwhen: 'close > 1",
+        (2, 17),
+        ["quoted string that starts at line 2, column 7", "expected the closing quote"],
+    ),
+    "unclosed [ at the end": (
+        "name: q\nwhen: close > 1\nsymbols: [X:BTCUSD, X:ETHUSD\n",
+        (3, 29),
+        ["expected ',' or ']', but got the end of the file", "[ list that starts at line 3"],
+    ),
+    "unclosed [ before a key": (
+        "name: q\nsymbols: [X:BTCUSD\nwhen: close > 1\n",
+        (3, 5),
+        ["expected ',' or ']', but got ':'", "[ list that starts at line 2, column 10"],
+    ),
+    "unclosed {": ("name: q\nwhen: {a: 1\n", (2, 12), ["expected ',' or '}'"]),
+    "tab indentation": ("name: q\nwhen: close > 1\n\tseverity: info\n", (3, 1), ["a tab"]),
+    "mapping value": (
+        "name: q\nwhen: a: b\n",
+        (2, 8),
+        ["mapping values are not allowed here", "quote a value that holds ': '"],
+    ),
+    "repeated key": ("name: q\nwhen: close > 1\nname: r\n", (3, 1), ["'name' appears twice"]),
+    "second document": ("name: q\nwhen: x\n---\nname: r\n", (3, 1), ["another document"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_YAML))
+def test_yaml_syntax_errors_point_at_a_line_of_the_file(case: str) -> None:
+    text, (line, column), words = BROKEN_YAML[case]
+    with pytest.raises(FilterError) as err:
+        parse_filter(text, "f.yaml")
+    first = err.value.problems[0]
+    assert (first.line, first.column) == (line, column)
+    assert first.line <= len(text.splitlines())
+    for w in words:
+        assert w in first.message
+    where, source, caret = err.value.details[0].split("\n")
+    assert where == f"f.yaml:{line}:{column}: {first.message}"
+    assert source == "    " + text.splitlines()[line - 1]
+    assert caret.strip() == "^" and len(caret) == 4 + column
+
+
+def test_a_yaml_syntax_error_on_the_command_line(tmp_path: Path, filters_dir: Path) -> None:
+    # Before: "quote.yaml:5:1: not valid YAML: found unexpected end of stream", with no source
+    # line, in a file of 4 lines.
+    (filters_dir / "quote.yaml").write_text('name: q\nwhen: "close > 1\nseverity: info\non: bar\n')
+    result = run(tmp_path, "filter", "validate")
+    assert_one_sentence_error(result, "1 of 1")
+    assert (
+        "filters/quote.yaml:4:8: not valid YAML: the file ends while scanning the quoted string "
+        "that starts at line 2, column 7; expected the closing quote\n"
+        "    on: bar\n"
+        "           ^\n"
+    ) in result.stderr
 
 
 # -- the dashboard ------------------------------------------------------------------------------

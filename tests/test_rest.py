@@ -88,6 +88,8 @@ class FakeMassive:
         self.loop = False
         self.next_host: str | None = None
         self.key_in_next_url = False
+        self.hold_from: int | None = None  # requests from this index on wait for `release`
+        self.release = threading.Event()
         self.url = ""
         self._lock = threading.Lock()
 
@@ -108,6 +110,8 @@ class FakeMassive:
         with self._lock:
             index = len(self.seen)
             self.seen.append(Seen(time.monotonic(), path, auth))
+        if self.hold_from is not None and index >= self.hold_from:
+            self.release.wait(30)  # a slow server, until the test lets it go
         if self.always is not None:
             return self.always
         if index in self.faults:
@@ -221,6 +225,7 @@ def api() -> Iterator[FakeMassive]:
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield fake
+    fake.release.set()
     server.shutdown()
     server.server_close()
     thread.join()

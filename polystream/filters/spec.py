@@ -63,7 +63,9 @@ class Located:
     text: str  # the source line
 
     def render(self) -> str:
-        caret = " " * (self.column - 1) + "^"
+        # tabs stay tabs, so that the caret lines up wherever the terminal puts tab stops
+        caret = "".join(c if c == "\t" else " " for c in self.text[: self.column - 1])
+        caret = caret.ljust(self.column - 1) + "^"
         where = f"{self.path}:{self.line}:{self.column}: {self.message}"
         return f"{where}\n    {self.text}\n    {caret}" if self.text else where
 
@@ -305,6 +307,41 @@ class _Reader:
             self.at(places[offset], message)
 
 
+# PyYAML's words for what it met or expected, as a user knows them
+_YAML_WORDS = (
+    ("found unexpected end of stream", "the file ends"),
+    ("'<stream end>'", "the end of the file"),
+    ("<block end>", "the end of the indented block"),
+    ("'<block mapping start>'", "a more indented key"),
+    ("found character '\\t' that cannot start any token", "found a tab; indent with spaces"),
+    ("a flow sequence", "the [ list"),
+    ("a flow mapping", "the { mapping"),
+    ("a double-quoted scalar", "the quoted string"),
+    ("a quoted scalar", "the quoted string"),
+)
+# hints for problems whose cause PyYAML does not name
+_YAML_HINTS = {
+    "mapping values are not allowed here": "quote a value that holds ': '",
+    "the file ends": "expected the closing quote",
+}
+
+
+def yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's problem and context as one clause: what it met, in what construct and where
+    that began, and what was expected."""
+    problem = " ".join(str(exc.problem or "").split())
+    context = " ".join(str(exc.context or "").split())
+    for words, plain in _YAML_WORDS:
+        problem, context = problem.replace(words, plain), context.replace(words, plain)
+    begun = exc.context_mark
+    if context.startswith("while") and begun is not None:
+        problem += f" {context} that starts at line {begun.line + 1}, column {begun.column + 1}"
+    elif context and not context.startswith("while"):
+        problem = f"{context}, {problem}" if problem else context
+    hint = next((h for p, h in _YAML_HINTS.items() if problem.startswith(p)), None)
+    return "not valid YAML: " + problem + (f"; {hint}" if hint else "")
+
+
 def parse_filter(
     text: str, path: str = "<filter>", params: IndicatorParams | None = None
 ) -> Filter:
@@ -334,8 +371,8 @@ def parse_filter(
         raise FilterError(path, r.problems) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        what = " ".join(str(exc.problem or exc.context).split())
-        r.at(mark.index if mark is not None else 0, f"not valid YAML: {what}")
+        # a mark at the end of the stream lies past the last line: point after its last word
+        r.at(min(mark.index, len(text.rstrip())) if mark else 0, yaml_problem(exc))
         raise FilterError(path, r.problems) from None
     except yaml.YAMLError as exc:
         r.at(0, "not valid YAML: " + " ".join(str(exc).split()))

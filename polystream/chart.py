@@ -28,6 +28,7 @@ from .errors import ConfigError, UsageError
 from .filters import Alert, Filter, run_on_bars
 from .filters.engine import SEED_BARS, infer_timeframe
 from .indicators import IndicatorParams, compute
+from .schema import PRICES
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -420,7 +421,7 @@ def _times_and_colors(frame: pl.DataFrame) -> tuple[Any, Any, list[str]]:
 def _price_pane(
     ax: Axes, frame: pl.DataFrame, x: Any, step: Any, colors: list[str], fired: list[Marks]
 ) -> None:
-    o, h, lo, c = (frame[n].to_numpy() for n in ("open", "high", "low", "close"))
+    o, h, lo, c = (frame[n].to_numpy() for n in PRICES)
     ax.vlines(x, lo, h, colors=colors, linewidth=0.6)
     # an edge keeps a candle whose open equals its close visible as a line
     ax.bar(x, c - o, bottom=o, width=step * 0.7, color=colors, edgecolor=colors, linewidth=0.4)
@@ -518,7 +519,7 @@ def render_terminal(
     plt.title(title)
     plt.candlestick(
         candles["time"].dt.strftime(stamp).to_list(),
-        {n.capitalize(): candles[n].to_list() for n in ("open", "high", "low", "close")},
+        {n.capitalize(): candles[n].to_list() for n in PRICES},
     )
     for m in marks(frame, alerts, symbol):
         times = [_utc(t).strftime(stamp) for t in m.times]

@@ -12,6 +12,7 @@ migrations, a feed that needs a key that is not set.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 import polars as pl
 
-from . import display
+from . import display, wire
 from .config import DEFAULT_REST_URL, Settings, check_url, load_settings, timeframe_name
 from .decode import Decoder
 from .errors import ConfigError, FeedError, PolystreamError, SymbolError
@@ -32,7 +33,7 @@ from .pipeline import Pipeline, RunResult, Source
 from .record import Recorder, ReplaySource, read_recording
 from .reload import FilterReload
 from .repair import GapRepair
-from .schema import BAR, OHLCV, Alert, empty
+from .schema import BAR, OHLCV, Alert, Notice, empty
 from .simulator import DemoFeed
 from .sinks import BaseSink, Output, RecorderSink, Sink, StoreSink, TelegramSink
 from .source import FeedClient, FeedOptions
@@ -41,6 +42,7 @@ from .symbols import from_pair, normalize, to_pair
 from .window import BarOptions
 
 if TYPE_CHECKING:
+    from .ingest import IngestStats
     from .notify import TelegramNotifier
     from .rest import RestClient
     from .store import Store
@@ -62,7 +64,8 @@ class RunOptions(msgspec.Struct, frozen=True):
 
     `feed` is polygon, demo, a ws:// or wss:// URL, or a recording to replay (as fast as it
     can be processed, or at `speed` × real time). `store`/`notify` None mean: on when
-    configured. `filters_dir` None means the settings' directory.
+    configured. `filters_dir` None means the settings' directory. `serve` is a [HOST:]PORT to
+    serve the records on over WebSocket.
     """
 
     symbols: tuple[str, ...]
@@ -83,6 +86,9 @@ class RunOptions(msgspec.Struct, frozen=True):
     notify: bool | None = None
     warmup: bool = True
     utc: bool = False  # times on screen in UTC rather than local time
+    bus: str | None = None  # nats://…: a shard of a run that `ingest` publishes there
+    shard: tuple[int, int] = (0, 1)  # K of N: the partitions p % N == K
+    serve: str | None = None
 
 
 def run(options: RunOptions, settings: Settings | None = None) -> RunResult:
@@ -102,6 +108,10 @@ def run(options: RunOptions, settings: Settings | None = None) -> RunResult:
 @contextlib.contextmanager
 def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
     """A pipeline ready to `run`, with everything it needs started; stopped again on exit."""
+    if options.bus is not None:
+        with _shard_run(options, settings) as pipeline:
+            yield pipeline
+        return
     symbols = tuple(dict.fromkeys(normalize(s) for s in options.symbols))
     if not symbols:
         raise ConfigError("Give at least one symbol, such as X:BTCUSD.")
@@ -161,6 +171,89 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
         yield pipeline
 
 
+@contextlib.contextmanager
+def _shard_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
+    """A shard's pipeline: the run `ingest` publishes on `options.bus`, the partitions of
+    shard K of N, the filters of the filters directory, results published back (see `shard`).
+    The watermark comes from ingest's clock: its receipt times, and its wall clock when live."""
+    from .bus import Bus
+    from .shard import ResultSink, ShardSource, owned, wait_for_run
+
+    assert options.bus is not None
+    if options.bars != "trades":
+        raise ConfigError("A shard builds bars from trades: --bars polygon needs one process.")
+    shard, shards = options.shard
+    with contextlib.ExitStack() as stack:
+        bus = stack.enter_context(Bus(options.bus, name=f"polystream-shard-{shard}-{shards}"))
+        run = wait_for_run(bus)  # ingest made the streams
+        parts, symbols = owned(run, shard, shards)
+        watcher = load_filters(options.filters_dir or settings.filters_dir)
+        timeframes = tuple(dict.fromkeys(options.timeframes))
+        wanted = {f.timeframe for f in watcher.filters if f.on == "bar" and f.timeframe}
+        timeframes += tuple(sorted(wanted - set(timeframes)))
+        bar_options = BarOptions(
+            timeframes=timeframes, lateness=options.lateness, horizon=options.horizon
+        )
+        filters = FilterEngine(watcher.filters, params=bar_options.params, timeframes=timeframes)
+        name = f"shard {shard}/{shards}"
+        source = ShardSource(bus, run, parts, name)
+        stages = Stages(
+            symbols,
+            bar_options,
+            filters=filters,
+            min_pending=0 if run.live else REPLAY_PENDING,
+        )
+        units: list[FilterReload | GapRepair] = [
+            FilterReload(watcher, filters, settings.state_dir)
+        ]
+        sinks = _sinks(options, symbols, timeframes)
+        pipeline = Pipeline(
+            source,
+            stages,
+            [*sinks, ResultSink(bus, f"shard-{shard}-{shards}")],
+            units=units,
+            live=run.live,
+            clock=source.clock,
+            duration=options.duration,
+        )
+        if not watcher.filters:
+            pipeline.report("no_filters", _no_filters(watcher.directory))
+        yield pipeline
+
+
+def ingest(
+    options: RunOptions,
+    settings: Settings,
+    url: str,
+    *,
+    partitions: int,
+    replicas: int = 1,
+    reset: bool = False,
+    say: Callable[[Notice], None] = lambda notice: None,
+) -> tuple[IngestStats, int | None]:
+    """`polystream ingest`: hold `options.feed` (anything `watch --feed` takes) and publish
+    it to the NATS JetStream server at `url` for shards; the statistics, and the signal that
+    stopped it, if one did."""
+    from .bus import Bus
+    from .ingest import Ingest
+
+    symbols = tuple(dict.fromkeys(normalize(s) for s in options.symbols))
+    if not symbols:
+        raise ConfigError("Give at least one symbol, such as X:BTCUSD.")
+    with contextlib.ExitStack() as stack:
+        bus = stack.enter_context(Bus(url, name="polystream-ingest"))
+        if reset:
+            bus.delete_stream(wire.MD_STREAM)
+            bus.delete_stream(wire.OUT_STREAM)
+        source = _source(options, settings, [to_pair(s) for s in symbols], options.channels, stack)
+        live = not isinstance(source, ReplaySource)
+        job = Ingest(
+            bus, source, symbols, live=live, partitions=partitions, replicas=replicas, say=say
+        )
+        stats = job.run(options.duration)
+        return stats, job.signal
+
+
 # Hosts of a feed on this machine, which is never the real one: without a key, this one is sent.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_KEY = "local"
@@ -186,6 +279,11 @@ def _sinks(options: RunOptions, symbols: Sequence[str], timeframes: Sequence[int
     sinks: list[Sink] = []
     if options.json:
         sinks.append(display.JsonLines())
+    if options.serve is not None:
+        from .serve import TOKEN_VAR, ServeSink
+
+        # before the displays: it closes after them, so its clients get every last record
+        sinks.append(ServeSink(options.serve, token=os.environ.get(TOKEN_VAR)))
     if options.ui == "lines" or (options.json and sys.stdout.isatty()):
         sinks.append(display.TextLog(bars=not options.json, utc=options.utc))
     elif options.ui == "dashboard":

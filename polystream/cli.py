@@ -19,6 +19,7 @@ from typer.exceptions import TyperException
 from . import __version__, display
 from .app import RunOptions, database_url
 from .app import backfill as app_backfill
+from .app import ingest as app_ingest
 from .app import run as app_run
 from .cli_chart import chart_command
 from .cli_filters import filter_app
@@ -28,10 +29,12 @@ from .config import (
     load_settings,
     parse_channels,
     parse_duration,
+    parse_shard,
     parse_timeframe,
 )
 from .errors import PolystreamError, UsageError
 from .filters import shipped_dir
+from .schema import Notice
 from .simulator import DemoFeed
 
 # -h as well as --help, and help as wide as the terminal up to 120 columns, on every command
@@ -92,6 +95,15 @@ RecordOption = Annotated[
     Path | None, typer.Option(help="Record every frame to FILE (.gz/.zst compress).")
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the demo feed.")]
+ServeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--serve",
+        metavar="[HOST:]PORT",
+        help="Serve the records over WebSocket (host 127.0.0.1 unless given; port 0 picks a "
+        "free one); clients send the token of POLYSTREAM_SERVE_TOKEN when it is set.",
+    ),
+]
 UtcOption = Annotated[
     bool, typer.Option("--utc", help="Show times in UTC [default: local time, zone shown].")
 ]
@@ -134,8 +146,12 @@ def _run(options: RunOptions, **overrides: str | None) -> None:
 @app.command()
 def watch(
     symbols: Annotated[
-        list[str], typer.Argument(help="Symbols such as X:BTCUSD, BTC-USD or btcusd.")
-    ],
+        list[str] | None,
+        typer.Argument(
+            help="Symbols such as X:BTCUSD, BTC-USD or btcusd (with --from: the ones to show).",
+            show_default=False,
+        ),
+    ] = None,
     feed: Annotated[
         str, typer.Option(help="polygon, demo, a ws:// or wss:// URL, or a recording to replay.")
     ] = "polygon",
@@ -187,6 +203,24 @@ def watch(
         ),
     ] = True,
     utc: UtcOption = False,
+    serve: ServeOption = None,
+    from_bus: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="NATS_URL",
+            help="Take the market data from the run `polystream ingest` publishes on NATS "
+            "JetStream instead of the feed; with --shard, compute and publish a share of it, "
+            "without, show what the shards publish.",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K/N",
+            help="With --from: be shard K of N, owning the partitions p with p % N == K.",
+        ),
+    ] = None,
     api_key: ApiKeyOption = None,
     ws_url: WsUrlOption = None,
     rest_url: RestUrlOption = None,
@@ -207,9 +241,22 @@ def watch(
     """
     if bars not in ("trades", "polygon"):
         raise UsageError(f"Unknown bar source {bars!r} for --bars: use trades or polygon.")
+    if shard is not None and from_bus is None:
+        raise UsageError("--shard goes with --from, the NATS server the run is published on.")
+    if from_bus is not None and shard is None:
+        from .viewer import view_results
+
+        _settings()
+        code = view_results(
+            from_bus, symbols or (), ui="lines" if no_ui else "dashboard", json=json_out,
+            duration=duration, utc=utc,
+        )
+        raise typer.Exit(code)
+    if not symbols and from_bus is None:
+        raise UsageError("Give at least one symbol, such as X:BTCUSD.")
     _run(
         RunOptions(
-            tuple(symbols),
+            tuple(symbols or ()),
             feed=feed,
             timeframes=tuple(parse_timeframe(tf) for tf in timeframe),
             channels=parse_channels(channels),
@@ -227,6 +274,9 @@ def watch(
             notify=notify,
             warmup=warmup,
             utc=utc,
+            serve=serve,
+            bus=from_bus,
+            shard=parse_shard(shard) if shard else (0, 1),
         ),
         POLYGON_API_KEY=api_key,
         POLYGON_WS_URL=ws_url,
@@ -257,6 +307,7 @@ def demo(
         bool, typer.Option("--notify/--no-notify", help="Send its alerts to Telegram.")
     ] = False,
     utc: UtcOption = False,
+    serve: ServeOption = None,
     db_url: DatabaseUrlOption = None,
 ) -> None:
     """The whole pipeline on the built-in demo feed: no key, no network.
@@ -286,6 +337,7 @@ def demo(
         store=store,
         notify=notify,
         utc=utc,
+        serve=serve,
         db_url=db_url,
     )
 
@@ -301,6 +353,79 @@ def _when(text: str, option: str) -> int:
             f"Invalid date {text!r} for {option}: write it like 2024-05-29 or 2024-05-29T13:30."
         )
     return ms
+
+
+@app.command()
+def ingest(
+    symbols: Annotated[list[str], typer.Argument(help="Symbols such as X:BTCUSD.")],
+    publish: Annotated[
+        str,
+        typer.Option(
+            metavar="NATS_URL",
+            help="The NATS server with JetStream to publish to, e.g. nats://127.0.0.1:4222.",
+        ),
+    ],
+    feed: Annotated[
+        str, typer.Option(help="polygon, demo, a ws:// or wss:// URL, or a recording to replay.")
+    ] = "polygon",
+    channels: Annotated[str, typer.Option(help="Comma-separated: XT,XQ,XA,XAS,XL2.")] = "XT,XQ",
+    partitions: Annotated[
+        int, typer.Option(help="Symbol partitions; shards split them among themselves.", min=1)
+    ] = 16,
+    replicas: Annotated[
+        int, typer.Option(help="Servers of a cluster that keep each stream (1, 3 or 5).", min=1)
+    ] = 1,
+    duration: DurationOption = None,
+    speed: Annotated[
+        float | None, typer.Option(help="Replay at N x real time (default: as fast as possible).")
+    ] = None,
+    seed: SeedOption = 0,
+    reset: Annotated[
+        bool, typer.Option(help="Empty the market-data and results streams first.")
+    ] = False,
+    api_key: ApiKeyOption = None,
+    ws_url: WsUrlOption = None,
+) -> None:
+    """Hold the feed and publish it to NATS JetStream for shards (`watch --from`).
+
+    The market data is decoded once and published in batches split by symbol partition, with
+    the clock every shard needs for its bars to equal one process's. A recording is cut into
+    the same batches on every run, so ingesting it again stores nothing twice.
+
+    \b
+    Examples:
+      polystream ingest X:BTCUSD X:ETHUSD --publish nats://127.0.0.1:4222
+      polystream ingest X:BTCUSD --feed today.rec.zst --publish nats://127.0.0.1:4222 --reset
+      polystream watch --from nats://127.0.0.1:4222 --shard 0/2 --no-ui
+    """
+    settings = _settings(POLYGON_API_KEY=api_key, POLYGON_WS_URL=ws_url)
+    options = RunOptions(
+        tuple(symbols),
+        feed=feed,
+        channels=parse_channels(channels),
+        duration=duration,
+        speed=speed,
+        seed=seed,
+    )
+    stats, stopped = app_ingest(
+        options,
+        settings,
+        publish,
+        partitions=partitions,
+        replicas=replicas,
+        reset=reset,
+        say=lambda n: display.stderr_console.print(
+            f"{n.event} {n.detail}".strip(), highlight=False, markup=False
+        ),
+    )
+    skipped = f", {stats.skipped:,} held already" if stats.skipped else ""
+    display.note(
+        f"published {stats.events:,} events of {stats.frames:,} frames in {stats.batches:,} "
+        f"batches ({stats.messages:,} messages, {stats.bytes / 1e6:,.1f} MB){skipped}",
+        "green",
+    )
+    if stopped is not None:
+        raise typer.Exit(128 + stopped)
 
 
 @app.command()
@@ -401,6 +526,80 @@ def migrate(
             display.note(f"applied {len(applied)} migrations: {', '.join(applied)}", "green")
         else:
             display.note("the database is up to date")
+
+
+FromOption = Annotated[
+    str,
+    typer.Option(
+        "--from",
+        metavar="NATS_URL",
+        help="The NATS server with JetStream that ingest and the shards publish to.",
+    ),
+]
+
+
+def _status_line(notice: Notice) -> None:
+    display.stderr_console.print(
+        f"{notice.event} {notice.detail}".strip(), highlight=False, markup=False
+    )
+
+
+@app.command("store")
+def store_command(
+    from_: FromOption,
+    duration: DurationOption = None,
+    db_url: DatabaseUrlOption = None,
+) -> None:
+    """Store what ingest and the shards publish: trades, quotes, books, bars and alerts.
+
+    Durable consumers acknowledge each message once its rows are committed, so a restarted
+    store goes on where it stopped and stores nothing twice. The database must be migrated.
+    Ctrl-C writes what it has read and exits 130.
+
+    \b
+    Examples:
+      polystream store --from nats://127.0.0.1:4222
+      polystream store --from nats://127.0.0.1:4222 --database-url postgresql://localhost/ps
+    """
+    from .consumers import store_from
+
+    settings = _settings(DATABASE_URL=db_url)
+    consumer = store_from(settings, from_, duration=duration, say=_status_line)
+    stats = consumer.store.stats
+    tables = ", ".join(f"{n:,} {t}" for t, n in stats.rows_by_table.items() if n)
+    display.note(
+        f"stored {stats.rows_written:,} new rows{f' ({tables})' if tables else ''} from "
+        f"{consumer.messages:,} messages",
+        "green",
+    )
+    if consumer.signal is not None:
+        raise typer.Exit(128 + consumer.signal)
+
+
+@app.command("notify")
+def notify_command(from_: FromOption, duration: DurationOption = None) -> None:
+    """Send the alerts the shards publish to Telegram, each once.
+
+    TELEGRAM_BOT_TOKEN and TELEGRAM_CHAT_ID name the bot and the chats. A durable consumer
+    acknowledges each alert once it is in the notifier's outbox, which delivers it once across
+    restarts. Ctrl-C sends what is pending for up to 15 s and exits 130.
+
+    \b
+    Examples:
+      polystream notify --from nats://127.0.0.1:4222
+      polystream notify --from nats://127.0.0.1:4222 --duration 3600
+    """
+    from .consumers import notify_from
+
+    consumer = notify_from(_settings(), from_, duration=duration, say=_status_line)
+    sent = consumer.notifier.stats
+    display.note(
+        f"read {consumer.messages:,} alerts; Telegram accepted {sent.sent:,} messages, "
+        f"{sent.pending:,} wait in the outbox",
+        "green",
+    )
+    if consumer.signal is not None:
+        raise typer.Exit(128 + consumer.signal)
 
 
 @app.command()

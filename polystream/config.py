@@ -446,3 +446,17 @@ def _read_env_file(path: Path) -> dict[str, tuple[str, int]]:
     logging.getLogger("dotenv.main").setLevel(logging.ERROR)  # reported above, once
     values = dotenv_values(stream=io.StringIO(text))
     return {k: (v, lines[k]) for k, v in values.items() if v and k in ENV_VARS and k in lines}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (`--shard`) → (K, N), with 0 <= K < N."""
+    k, sep, n = text.partition("/")
+    try:
+        shard, shards = int(k), int(n)
+    except ValueError:
+        shard, shards = -1, 0
+    if not sep or not 0 <= shard < shards:
+        raise UsageError(
+            f"Invalid --shard {text!r}: write K/N with 0 <= K < N, such as 0/2 and 1/2."
+        )
+    return shard, shards

@@ -279,6 +279,38 @@ def _summary(feed: FeedState) -> str:
     return summary
 
 
+class JsonRecord(NamedTuple):
+    """One `--json` record, encoded, with what a `--serve` subscription selects it by."""
+
+    type: str  # status, book, bar or alert
+    symbol: str  # "" for a status record
+    data: bytes
+
+
+def json_records(out: Output, encode: Callable[[Any], bytes]) -> list[JsonRecord]:
+    """The records of one output as `--json` prints them, in its order: status, book, bar,
+    alert. JSON lines and `--serve` both take them from here, so both carry the same records."""
+    records = [
+        JsonRecord(
+            "status",
+            "",
+            encode({"type": "status", "event": n.event, "time": n.time, "detail": n.detail}),
+        )
+        for n in out.notices
+    ]
+    records += [
+        JsonRecord("book", f.symbol, encode({"type": "book", **msgspec.structs.asdict(f)}))
+        for f in out.book_features
+    ]
+    if out.bars is not None and out.bars.height:
+        text = out.bars.select(pl.lit("bar").alias("type"), pl.all()).write_ndjson()
+        lines = text.encode().rstrip(b"\n").split(b"\n")  # one line per row: newlines are escaped
+        symbols = out.bars.get_column("symbol").to_list()
+        records += [JsonRecord("bar", s, line) for s, line in zip(symbols, lines, strict=True)]
+    records += [JsonRecord("alert", a.symbol, encode(a.record())) for a in out.alerts]
+    return records
+
+
 class JsonLines(BaseSink):
     """Machine-readable output: one JSON object per line on stdout (DESIGN §1): status
     records, book records, bar records and alerts (every alert, whatever its notify list)."""
@@ -295,16 +327,7 @@ class JsonLines(BaseSink):
         self._emit(self._encode(record) + b"\n")
 
     def write(self, out: Output) -> None:
-        encode = self._encode
-        lines = [
-            encode({"type": "status", "event": n.event, "time": n.time, "detail": n.detail})
-            for n in out.notices
-        ]
-        lines += [encode({"type": "book", **msgspec.structs.asdict(f)}) for f in out.book_features]
-        if out.bars is not None and out.bars.height:
-            text = out.bars.select(pl.lit("bar").alias("type"), pl.all()).write_ndjson()
-            lines.append(text.encode().rstrip(b"\n"))
-        lines += [encode(a.record()) for a in out.alerts]
+        lines = [record.data for record in json_records(out, self._encode)]
         if lines:
             # one write and one flush per output: each line is out as soon as it is made
             self._emit(b"\n".join(lines) + b"\n")
@@ -956,3 +979,43 @@ def frame_json_lines(frame: pl.DataFrame) -> None:
     """`analyze --json`: every row of the frame as one JSON object per line, as polars writes
     them (integer times stay integers, nulls are null)."""
     JsonLines()._emit(frame.write_ndjson().encode())
+
+
+class RawJsonLines(JsonLines):
+    """`--json` records that arrive encoded (`watch --from` shows what shards published):
+    printed byte for byte as received, one per line, so they equal the shards' own `--json`."""
+
+    def lines(self, records: Sequence[bytes]) -> None:
+        if records:
+            self._emit(b"\n".join(records) + b"\n")
+
+
+class ResultsDashboard(Dashboard):
+    """The dashboard of `watch --from` without `--shard`, which learns the run from the records
+    the shards publish: the first timeframe seen becomes the main one and, when no symbols are
+    given, each symbol gets its row as it is first seen."""
+
+    def __init__(
+        self, symbols: Sequence[str], console: Console = stderr_console, *, utc: bool = False
+    ) -> None:
+        super().__init__(symbols, "", console, utc=utc)
+        self.board.timeframes.clear()  # no table until a timeframe is seen
+        self._follow = not symbols
+
+    def write(self, out: Output) -> None:
+        board = self.board
+        # Board takes its symbols and main timeframe when it is made; a viewer meets them later
+        states = board._states
+        bars = out.bars if out.bars is not None and out.bars.height else None
+        if bars is not None and not board.timeframe:
+            board.timeframe = bars.item(0, "timeframe")
+            board.timeframes[:] = dict.fromkeys((board.timeframe, *board.timeframes))
+            for state in states.values():
+                state.timeframe = board.timeframe
+        if self._follow:
+            seen = [*(a.symbol for a in out.alerts), *(f.symbol for f in out.book_features)]
+            if bars is not None:
+                seen += bars.get_column("symbol").unique(maintain_order=True).to_list()
+            for symbol in seen:
+                states.setdefault(symbol, SymbolState(symbol, board.timeframe))
+        super().write(out)

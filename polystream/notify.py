@@ -294,6 +294,7 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                     parts_sent INTEGER NOT NULL DEFAULT 0
                 );
                 CREATE INDEX IF NOT EXISTS outbox_chat ON outbox (chat, id);
+                CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
                 """
             )
             if version < _SCHEMA_VERSION:
@@ -345,9 +346,17 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                 logging.getLogger(name).addFilter(self._log_filter)
         return super().start()
 
-    def offer(self, alerts: Sequence[Alert]) -> None:
-        """Store `alerts` for every chat (durably, before returning) and wake the worker."""
-        if not alerts:
+    def mark(self, name: str) -> int | None:
+        """The value last stored with `offer(…, mark=(name, value))`, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def offer(self, alerts: Sequence[Alert], *, mark: tuple[str, int] | None = None) -> None:
+        """Store `alerts` for every chat (durably, before returning) and wake the worker;
+        `mark` (a name and a number, such as a stream position) is stored in the same
+        transaction, so that a consumer knows exactly what the outbox has, even after a crash."""
+        if not alerts and mark is None:
             return
         encoded = [msgspec.json.encode(a) for a in alerts]
         with self._lock:
@@ -361,6 +370,8 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             try:
                 with self._transaction() as db:
                     db.executemany("INSERT INTO outbox (chat, alert) VALUES (?, ?)", rows)
+                    if mark is not None:
+                        db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", mark)
             except sqlite3.Error as exc:
                 raise NotifyError(
                     f"Cannot store alerts in the Telegram outbox {self.path} ({exc}): "

@@ -27,7 +27,7 @@ from .config import timeframe_name
 from .errors import FeedError, PolystreamError
 from .schema import Gap, Notice
 from .sinks import FeedState, Output, Sink, Sinks, View
-from .source import EndOfStream, Frame, Frames, Item
+from .source import Decoded, EndOfStream, Frame, Frames, Item
 from .stages import Stages
 
 
@@ -172,12 +172,15 @@ class Pipeline:
         if not items:
             return
         frames: list[Frame] = []
+        decoded: list[Decoded] = []
         end: EndOfStream | None = None
         for item in items:
             if type(item) is Frame:
                 frames.append(item)
             elif type(item) is Frames:
                 frames += item.frames
+            elif type(item) is Decoded:
+                decoded.append(item)
             elif type(item) is Notice:
                 self.sinks.write(Output(notices=[item]))
             elif type(item) is EndOfStream:
@@ -188,6 +191,12 @@ class Pipeline:
                 self.sinks.write(out)
             if self.live:
                 self._lag = max(0, self.now_ms() - frames[-1].received)
+        for part in decoded:
+            self.passes += 1
+            for out in self.stages.step_decoded(part):
+                self.sinks.write(out)
+            if self.live:
+                self._lag = max(0, self.now_ms() - part.batch.received)
         if end is not None:
             self._end(end)
 

@@ -13,7 +13,7 @@ import queue
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import msgspec
 import websocket
@@ -23,6 +23,11 @@ from .events import Status
 from .schema import Gap, Notice
 from .symbols import from_pair
 from .worker import Backoff, Worker
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from .batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,18 @@ class Frames(NamedTuple):
     size: int
 
 
-Item: TypeAlias = Frame | Frames | Notice | EndOfStream
+class Decoded(NamedTuple):
+    """Events decoded elsewhere (a shard's share of a run, from the bus): the watched symbols'
+    events, and `clock`, every trade of the run in arrival order for the watermark, other
+    shards' without a symbol (see `window`)."""
+
+    batch: Batch
+    clock: pl.DataFrame
+    frames: int  # how many frames of the feed they came from
+    now: int = 0  # live: the wall clock of the process that received them (epoch ms)
+
+
+Item: TypeAlias = Frame | Frames | Decoded | Notice | EndOfStream
 
 
 class FeedOptions(msgspec.Struct, frozen=True):

@@ -27,7 +27,7 @@ from .features import BookFeatures, book_features
 from .filters import FilterEngine
 from .schema import TRADE, Notice
 from .sinks import Output
-from .source import Frame
+from .source import Decoded, Frame
 from .window import BarEngine, BarOptions
 from .worker import Worker, WorkerError
 
@@ -124,12 +124,29 @@ class Stages:
         self._first_due = -_NEVER
         self._ahead = 0  # trades ahead of the feed's clock already reported
         self._ahead_said = -AHEAD_EVERY  # monotonic time of that report
+        self._decoded: set[str] = set()  # symbols of the events decoded elsewhere
 
     # -- a pass ------------------------------------------------------------------------------
 
     def step(self, frames: Sequence[Frame]) -> Iterator[Output]:
         """The outputs of one pass over `frames`: the events first, then any bars made since."""
-        batch = self.batcher.build(frames)
+        yield from self.step_batch(self.batcher.build(frames), frames)
+
+    def step_decoded(self, decoded: Decoded) -> Iterator[Output]:
+        """A pass over events decoded elsewhere (a shard's share of a run): the same, with
+        the run's clock rows for the watermark."""
+        stats = self.decoder.stats
+        stats.frames += decoded.frames
+        stats.events += decoded.batch.size
+        for frame in (decoded.batch.trades, decoded.batch.quotes):
+            if frame.height:
+                self._decoded.update(frame["symbol"].unique().to_list())
+        yield from self.step_batch(decoded.batch, clock=decoded.clock)
+
+    def step_batch(
+        self, batch: Batch, frames: Sequence[Frame] = (), clock: pl.DataFrame | None = None
+    ) -> Iterator[Output]:
+        """The outputs of one pass over decoded events (`clock`: see `step_decoded`)."""
         self.other += batch.other
         alerts = []
         if self.filters is not None:
@@ -142,7 +159,7 @@ class Stages:
             book_features=_latest_books(batch.books),
             alerts=alerts,
         )
-        self._hold(batch)
+        self._hold(batch, clock)
         rows = self._rows
         if rows >= self.max_pending or (
             rows and rows >= self.min_pending and not self._bars.busy and self._due_now(None)
@@ -165,6 +182,7 @@ class Stages:
         if self.drift is not None:
             self.drift.finish()
         seen, other = self.batcher.seen()
+        seen += sorted(self._decoded)
         missing = [s for s in self.symbols if s not in seen]
         if missing:
             holds = f"it holds {', '.join(other)}" if other else "it holds no other symbol either"
@@ -222,8 +240,9 @@ class Stages:
 
     # -- bars --------------------------------------------------------------------------------
 
-    def _hold(self, batch: Batch) -> None:
-        """Keep the pass's trades (or aggregates) for the bar engine."""
+    def _hold(self, batch: Batch, clock: pl.DataFrame | None = None) -> None:
+        """Keep the pass's trades (or aggregates; or `clock`, which holds the trades) for the
+        bar engine."""
         if self.bar_source == "polygon":
             if self.drift is not None and batch.trades.height:
                 self.drift.trades(batch.trades)
@@ -233,7 +252,7 @@ class Stages:
                 self._rows += rows.height
                 self._first_due = _NEVER  # aggregates go to the engine as they come
             return
-        trades = batch.trades
+        trades = batch.trades if clock is None else clock
         if not trades.height:
             return
         self._pending.append(trades)

@@ -665,6 +665,8 @@ class Store(Worker[_Item]):
         self.journal = Journal(Path(state_dir) / "journal")
         self._lock = threading.Lock()  # numbering and placing an offer happen as one step
         self._next_seq = self.journal.next_seq
+        # Every offer numbered below this is committed to the database (see `offered`).
+        self.committed = 0
         self._closed = False
         self._margin = 0.0
         self._conn: psycopg.Connection[Any] | None = None
@@ -712,6 +714,13 @@ class Store(Worker[_Item]):
             self._journal_items(self.drain())
 
     @property
+    def offered(self) -> int:
+        """The number the next offer gets: the offers made so far are in the database once
+        `committed` reaches it (for callers that acknowledge their source only then)."""
+        with self._lock:
+            return self._next_seq
+
+    @property
     def where(self) -> str:
         """Host, port and database, without the password."""
         return self._where
@@ -753,6 +762,7 @@ class Store(Worker[_Item]):
                     break
                 try:
                     self._round(items, horizon)
+                    self._advance(horizon)
                 except Exception as exc:  # a bug must not cost the rows: keep them on disk
                     if isinstance(exc, PolystreamError):
                         self._fail(exc)
@@ -765,6 +775,13 @@ class Store(Worker[_Item]):
             with contextlib.suppress(PolystreamError):
                 self._journal_items(self.drain())
             self._disconnect()
+
+    def _advance(self, horizon: int) -> None:
+        """Move `committed` up after a round: to `horizon`, or to the oldest offer the journal
+        still keeps (offers are committed in the order they were numbered)."""
+        if self._conn is not None:
+            waiting = self.journal.pending(horizon)
+            self.committed = max(self.committed, waiting[0].seq if waiting else horizon)
 
     def _replaying(self, horizon: int) -> bool:
         return self._conn is not None and self.journal.has_pending(horizon)

@@ -13,6 +13,11 @@ arrives after that, within the revision horizon, revises the bar; older ones are
 Whether a trade is late is judged against the watermark of the events before it, so results do
 not depend on how the stream was cut into batches. Live, `advance(now)` moves W with the wall
 clock so quiet bars close; a replay uses the recorded receipt times only.
+
+A shard of a run spread over processes (`watch --from … --shard K/N`) gets, besides its own
+trades, every other trade of the run as a clock row: no symbol, its event and receipt times only.
+Clock rows move the offset and the watermark exactly as in one process and build no bar, so the
+shard's bars are those one process would make.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import msgspec
 import polars as pl
 
 from .config import timeframe_name
-from .features import flow_imbalance_expr
 from .indicators import IndicatorParams, IndicatorState, update_many
 from .schema import PRICES, BarState, bar_columns
 
@@ -94,16 +98,11 @@ _KEYS = ["symbol", "tf", "start"]
 # order of the additions, so bars can be summed from partial sums and any batch cut gives the
 # same bar to the last bit. Twelve decimals are more than any venue quotes sizes with.
 UNITS = 1e12
+_UNITS = 10**12  # the same, as an integer: a quotient of integers is rounded once
 
 
 def _units(x: pl.Expr) -> pl.Expr:
     return (x * UNITS).round().cast(pl.Int128)
-
-
-def _amount(x: pl.Expr) -> pl.Expr:
-    # Divided by a real column: polars may turn a division by a literal into a multiplication
-    # by its reciprocal, which is not always the correctly rounded quotient.
-    return x.cast(pl.Float64) / pl.col("_units")
 
 
 def _trade_partials(trades: pl.DataFrame) -> pl.DataFrame:
@@ -414,8 +413,13 @@ class BarEngine:
             pl.col("time").alias("last_t"),
         )
         if ahead.any():
-            self.stats.ahead += int(ahead.sum())
             rows = rows.filter(~ahead)
+        if rows["symbol"].null_count():
+            # A shard's clock rows: the trades of other shards, without a symbol. They move
+            # the clock offset and the watermark exactly as in one process, and build no bar.
+            ahead = ahead & partials["symbol"].is_not_null()
+            rows = rows.filter(pl.col("symbol").is_not_null())
+        self.stats.ahead += int(ahead.sum())
         merged: list[pl.DataFrame] = [self.open]
         if source is None:
             # Trades on time for the shortest timeframe are on time for every longer one: sum
@@ -622,19 +626,27 @@ class BarEngine:
         """Bar state rows with their indicators as bar records (`schema.BAR` columns, then the
         indicators, then `schema.BAR_FEATURES`)."""
         cols = self.options.params.columns
-        bars = bars.with_columns(pl.Series("_units", [UNITS] * bars.height, dtype=pl.Float64))
+        volume = bars["volume"].to_list()
+        # Quotients of the exact integers, each correctly rounded: polars' float division
+        # can differ in the last bit with the layout of its input, and bars must not depend
+        # on how the stream was cut. A bar is a few divisions; Python's are exact-rounded.
+        amounts = {
+            c: pl.Series(c, [q / _UNITS for q in bars[c].to_list()], pl.Float64)
+            for c in ("buy_volume", "sell_volume")
+        }
+        amounts["volume"] = pl.Series("volume", [q / _UNITS for q in volume], pl.Float64)
+        pv = bars["pv"].to_list()
+        vwaps = [p / q if q > 0 else None for p, q in zip(pv, volume, strict=True)]
+        amounts["vwap"] = pl.Series("vwap", vwaps, pl.Float64)
+        flows = zip(bars["buy_volume"].to_list(), bars["sell_volume"].to_list(), strict=True)
+        imbalance = [(b - s) / (b + s) if b + s else None for b, s in flows]
+        amounts["flow_imbalance"] = pl.Series("flow_imbalance", imbalance, pl.Float64)
+        bars = bars.with_columns(*amounts.values())
         names = {tf: timeframe_name(tf) for tf in self.options.timeframes}
         made = {
             "timeframe": pl.col("tf").replace_strict(names, return_dtype=pl.String),
             "end": pl.col("start") + pl.col("tf"),
-            "volume": _amount(pl.col("volume")),
-            "vwap": pl.when(pl.col("volume") > 0)
-            .then(pl.col("pv").cast(pl.Float64) / pl.col("volume").cast(pl.Float64))
-            .otherwise(None),
-            "buy_volume": _amount(pl.col("buy_volume")),
-            "sell_volume": _amount(pl.col("sell_volume")),
             "state": pl.lit(state),
-            "flow_imbalance": flow_imbalance_expr(),
         }
         return bars.select(made.get(c, pl.col(c)).alias(c) for c in bar_columns(cols))
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: a loopback demo feed, helpers to read a feed client's queue, and a real
-PostgreSQL cluster started once per session with a fresh database per test."""
+"""Shared fixtures: a loopback demo feed, helpers to read a feed client's queue, a real
+PostgreSQL cluster started once per session with a fresh database per test, and real
+nats-server processes (one per session, or started by a test)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from nats_server import NatsCluster, NatsNotFound, NatsServer, find_binary
 from postgres import Cluster, PostgresNotFound
 
 from polystream.simulator import DemoFeed
@@ -114,3 +116,43 @@ def database_url(postgres: Cluster) -> Iterator[str]:
     if postgres.running:
         with contextlib.suppress(Exception):
             postgres.drop_database(name)
+
+
+def _nats_binary() -> str:
+    """nats-server's path; skips the test when it is not installed, except under CI, where its
+    absence fails the run."""
+    try:
+        return find_binary()
+    except NatsNotFound as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"nats-server is required under CI=true: {exc}")
+        pytest.skip(f"nats-server is not installed: {exc}")
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """The URL of a JetStream server shared by the session: tests use their own stream names."""
+    with NatsServer(binary=_nats_binary()) as server:
+        yield server.url
+
+
+@pytest.fixture
+def nats_server() -> Iterator[Callable[[], NatsServer]]:
+    """Start servers of the test's own, to stop, kill or pause; all are removed at the end."""
+    binary = _nats_binary()
+    servers: list[NatsServer] = []
+
+    def start() -> NatsServer:
+        servers.append(NatsServer(binary=binary))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NatsCluster]:
+    """Three JetStream servers clustered on loopback (n1, n2, n3)."""
+    with NatsCluster(3, binary=_nats_binary()) as cluster:
+        yield cluster

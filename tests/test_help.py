@@ -70,7 +70,7 @@ def test_timeframes_and_environment_variables_are_named() -> None:
     assert "1s 5s 15s 30s 1m 5m 15m 30m 1h 4h 1d" in watch
     for variable in ("POLYGON_API_KEY", "DATABASE_URL", "POLYSTREAM_FILTERS_DIR"):
         assert f"[env: {variable}]" in watch
-    assert "Usage: polystream watch [OPTIONS] SYMBOL..." in watch
+    assert "Usage: polystream watch [OPTIONS] [SYMBOL...]" in watch
     assert "1s 5s 15s" in help_text("filter", "add", "-h", width=200)
 
 

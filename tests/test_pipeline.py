@@ -148,11 +148,6 @@ def units(x: pl.Expr) -> pl.Expr:
     return (x * 1e12).round().cast(pl.Int128)
 
 
-def amount(x: pl.Expr) -> pl.Expr:
-    """Units back to amounts, correctly rounded (numpy divides element by element)."""
-    return x.cast(pl.Float64).map_batches(lambda s: pl.Series(s.to_numpy() / 1e12))
-
-
 def direct_bars(trades: list[dict[str, object]]) -> pl.DataFrame:
     """Bars straight from the trades: no watermark, no batches, no streaming state."""
     frame = pl.DataFrame(
@@ -209,13 +204,17 @@ def direct_bars(trades: list[dict[str, object]]) -> pl.DataFrame:
                     pl.col("trades").fill_null(0),
                 )
             )
+            # the exact integers' quotients, each rounded once (Python's int division)
+            pv, volume = full["pv"].to_list(), full["volume"].to_list()
+            vwap = [p / v if v else None for p, v in zip(pv, volume, strict=True)]
             full = compute(full, IndicatorParams()).with_columns(
                 pl.lit(symbol).alias("symbol"),
                 pl.lit(name).alias("timeframe"),
-                pl.when(pl.col("volume") > 0)
-                .then(pl.col("pv").cast(pl.Float64) / pl.col("volume").cast(pl.Float64))
-                .alias("vwap"),
-                *(amount(pl.col(c)).alias(c) for c in ("volume", "buy_volume", "sell_volume")),
+                pl.Series("vwap", vwap, pl.Float64),
+                *(
+                    pl.Series(c, [q / 10**12 for q in full[c].to_list()], pl.Float64)
+                    for c in ("volume", "buy_volume", "sell_volume")
+                ),
             )
             out.append(full)
     return pl.concat(out, how="diagonal")

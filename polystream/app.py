@@ -119,14 +119,8 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
         raise ConfigError(
             f"Invalid --speed {options.speed:g}: give a positive multiple of real time."
         )
-    watcher = load_filters(options.filters_dir or settings.filters_dir)
-    # bars for the timeframes the filters name are built too, after the ones asked for
-    timeframes = tuple(dict.fromkeys(options.timeframes))
-    wanted = {f.timeframe for f in watcher.filters if f.on == "bar" and f.timeframe}
-    timeframes += tuple(sorted(wanted - set(timeframes)))
-    bar_options = BarOptions(
-        timeframes=timeframes, lateness=options.lateness, horizon=options.horizon
-    )
+    watcher, bar_options = _bars(options, settings)
+    timeframes = bar_options.timeframes
     channels = options.channels
     if options.bars == "polygon":
         needed = {"XA"} if min(timeframes) >= 60_000 else {"XA", "XAS"}
@@ -187,13 +181,8 @@ def _shard_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
         bus = stack.enter_context(Bus(options.bus, name=f"polystream-shard-{shard}-{shards}"))
         run = wait_for_run(bus)  # ingest made the streams
         parts, symbols = owned(run, shard, shards)
-        watcher = load_filters(options.filters_dir or settings.filters_dir)
-        timeframes = tuple(dict.fromkeys(options.timeframes))
-        wanted = {f.timeframe for f in watcher.filters if f.on == "bar" and f.timeframe}
-        timeframes += tuple(sorted(wanted - set(timeframes)))
-        bar_options = BarOptions(
-            timeframes=timeframes, lateness=options.lateness, horizon=options.horizon
-        )
+        watcher, bar_options = _bars(options, settings)
+        timeframes = bar_options.timeframes
         filters = FilterEngine(watcher.filters, params=bar_options.params, timeframes=timeframes)
         name = f"shard {shard}/{shards}"
         source = ShardSource(bus, run, parts, name)
@@ -257,6 +246,19 @@ def ingest(
 # Hosts of a feed on this machine, which is never the real one: without a key, this one is sent.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_KEY = "local"
+
+
+def _bars(options: RunOptions, settings: Settings) -> tuple[FilterWatcher, BarOptions]:
+    """The run's filters, and its bars: the timeframes asked for, then those the filters name
+    (bars for them are built too)."""
+    watcher = load_filters(options.filters_dir or settings.filters_dir)
+    timeframes = tuple(dict.fromkeys(options.timeframes))
+    wanted = {f.timeframe for f in watcher.filters if f.on == "bar" and f.timeframe}
+    timeframes += tuple(sorted(wanted - set(timeframes)))
+    bar_options = BarOptions(
+        timeframes=timeframes, lateness=options.lateness, horizon=options.horizon
+    )
+    return watcher, bar_options
 
 
 def _no_filters(directory: Path) -> str:

@@ -14,7 +14,15 @@ from typing import Literal
 
 import msgspec
 
-from .config import DEFAULTS, SECRET_VARS, Settings, default_state_dir, display_url, show_setting
+from .config import (
+    DEFAULTS,
+    ENV_VARS,
+    SECRET_VARS,
+    Settings,
+    default_state_dir,
+    display_url,
+    show_setting,
+)
 from .errors import ConfigError, PolystreamError
 
 UNSET = "—"
@@ -30,17 +38,7 @@ KEY_USERS = "watch on the Polygon feed, backfill, and warm-up and gap repair ove
 Status = Literal["ok", "off", "problem"]
 
 # The settings `config` shows, in order (the API key's row is named by the variable that set it).
-ROWS = (
-    "POLYGON_API_KEY",
-    "POLYGON_WS_URL",
-    "POLYGON_REST_URL",
-    "DATABASE_URL",
-    "TELEGRAM_BOT_TOKEN",
-    "TELEGRAM_CHAT_ID",
-    "TELEGRAM_API_URL",
-    "POLYSTREAM_FILTERS_DIR",
-    "POLYSTREAM_STATE_DIR",
-)
+ROWS = tuple(v for v in ENV_VARS if v != "MASSIVE_API_KEY")
 # Settings whose value is or holds a secret, shown redacted.
 SECRET_ROWS = (*SECRET_VARS, "DATABASE_URL")
 

@@ -74,13 +74,14 @@ def md_subject(part: int) -> str:
 
 
 def _ipc(frame: pl.DataFrame) -> bytes:
+    # the stream format: a live batch of a few rows is 15 µs each way, the file format 0.3 ms
     out = io.BytesIO()
-    frame.write_ipc(out, compression="uncompressed")
+    frame.write_ipc_stream(out, compression="uncompressed")
     return out.getvalue()
 
 
 def _frame(data: bytes) -> pl.DataFrame:
-    return pl.read_ipc(io.BytesIO(data))
+    return pl.read_ipc_stream(io.BytesIO(data))
 
 
 def split(batch: Batch, partitions: int) -> tuple[dict[int, bytes], pl.DataFrame]:
@@ -88,22 +89,33 @@ def split(batch: Batch, partitions: int) -> tuple[dict[int, bytes], pl.DataFrame
     time, receipt time and partition, in arrival order. Each partition's trades carry their
     row number in the clock (`n`) so that a shard can put them back in place."""
     parts_of = {s: partition(s, partitions) for s in _symbols(batch)}
-    mapping = pl.DataFrame(
-        {"symbol": list(parts_of), "part": list(parts_of.values())},
-        schema={"symbol": pl.String, "part": pl.Int16},
-    )
+    single = len(set(parts_of.values())) == 1
 
     def tagged(frame: pl.DataFrame) -> pl.DataFrame:
-        return frame.join(mapping, on="symbol", how="left", maintain_order="left")
+        part = pl.col("symbol").replace_strict(parts_of, default=0, return_dtype=pl.Int16)
+        return frame.with_columns(part.alias("part"))
 
-    trades = tagged(batch.trades.with_row_index("n"))
+    def by_part(frame: pl.DataFrame) -> dict[int, pl.DataFrame]:
+        if not frame.height:
+            return {}
+        if single:
+            return {parts_of[frame["symbol"][0]]: frame.drop("part", strict=False)}
+        if "part" not in frame.columns:
+            frame = tagged(frame)
+        split = frame.partition_by("part", as_dict=True, include_key=False)
+        return {int(key[0]): rows for key, rows in split.items()}
+
+    trades = batch.trades.with_row_index("n")
+    if single and trades.height:
+        only = pl.lit(next(iter(parts_of.values())), pl.Int16)
+        trades = trades.with_columns(only.alias("part"))
+    else:
+        trades = tagged(trades)
     clock = trades.select("time", "received", "part")
     bodies: dict[int, dict[str, bytes]] = {}
-    kinds = (("t", trades), ("q", tagged(batch.quotes)), ("a", tagged(batch.aggregates)))
-    for kind, frame in kinds:
-        if frame.height:
-            for (part,), rows in frame.group_by("part", maintain_order=True):
-                bodies.setdefault(int(part), {})[kind] = _ipc(rows.drop("part"))
+    for kind, frame in (("t", trades), ("q", batch.quotes), ("a", batch.aggregates)):
+        for part, rows in by_part(frame).items():
+            bodies.setdefault(part, {})[kind] = _ipc(rows)
     books: dict[int, list[tuple[str, Book]]] = {}
     for symbol, book in batch.books:
         books.setdefault(parts_of[symbol], []).append((symbol, book))

@@ -221,20 +221,19 @@ def ingest(
     say: Callable[[Notice], None] = lambda notice: None,
 ) -> tuple[IngestStats, int | None]:
     """`polystream ingest`: hold `options.feed` (anything `watch --feed` takes) and publish
-    it to the NATS JetStream server at `url` for shards; the statistics, and the signal that
-    stopped it, if one did."""
+    it to the NATS JetStream server at `url` for shards (every symbol of the feed when
+    `options.symbols` is empty); the statistics, and the signal that stopped it, if one did."""
     from .bus import Bus
     from .ingest import Ingest
 
     symbols = tuple(dict.fromkeys(normalize(s) for s in options.symbols))
-    if not symbols:
-        raise ConfigError("Give at least one symbol, such as X:BTCUSD.")
+    pairs = [to_pair(s) for s in symbols] or ["*"]  # no symbols: every pair of the feed
     with contextlib.ExitStack() as stack:
         bus = stack.enter_context(Bus(url, name="polystream-ingest"))
         if reset:
             bus.delete_stream(wire.MD_STREAM)
             bus.delete_stream(wire.OUT_STREAM)
-        source = _source(options, settings, [to_pair(s) for s in symbols], options.channels, stack)
+        source = _source(options, settings, pairs, options.channels, stack)
         live = not isinstance(source, ReplaySource)
         job = Ingest(
             bus, source, symbols, live=live, partitions=partitions, replicas=replicas, say=say

@@ -357,7 +357,6 @@ def _when(text: str, option: str) -> int:
 
 @app.command()
 def ingest(
-    symbols: Annotated[list[str], typer.Argument(help="Symbols such as X:BTCUSD.")],
     publish: Annotated[
         str,
         typer.Option(
@@ -365,6 +364,10 @@ def ingest(
             help="The NATS server with JetStream to publish to, e.g. nats://127.0.0.1:4222.",
         ),
     ],
+    symbols: Annotated[
+        list[str] | None,
+        typer.Argument(help="Symbols such as X:BTCUSD.", show_default=False),
+    ] = None,
     feed: Annotated[
         str, typer.Option(help="polygon, demo, a ws:// or wss:// URL, or a recording to replay.")
     ] = "polygon",
@@ -383,6 +386,9 @@ def ingest(
     reset: Annotated[
         bool, typer.Option(help="Empty the market-data and results streams first.")
     ] = False,
+    every: Annotated[
+        bool, typer.Option("--all", help="Every symbol of the feed instead of SYMBOL...")
+    ] = False,
     api_key: ApiKeyOption = None,
     ws_url: WsUrlOption = None,
 ) -> None:
@@ -395,12 +401,15 @@ def ingest(
     \b
     Examples:
       polystream ingest X:BTCUSD X:ETHUSD --publish nats://127.0.0.1:4222
+      polystream ingest --all --partitions 64 --publish nats://127.0.0.1:4222
       polystream ingest X:BTCUSD --feed today.rec.zst --publish nats://127.0.0.1:4222 --reset
       polystream watch --from nats://127.0.0.1:4222 --shard 0/2 --no-ui
     """
+    if bool(symbols) == every:
+        raise UsageError("Give the symbols to ingest, or --all for every symbol of the feed.")
     settings = _settings(POLYGON_API_KEY=api_key, POLYGON_WS_URL=ws_url)
     options = RunOptions(
-        tuple(symbols),
+        tuple(symbols or ()),
         feed=feed,
         channels=parse_channels(channels),
         duration=duration,

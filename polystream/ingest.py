@@ -78,7 +78,7 @@ class Ingest:
         self.say = say
         self.stats = IngestStats()
         self.signal: int | None = None
-        self._batcher = Batcher(self.symbols)
+        self._batcher = Batcher(self.symbols or None)  # none: every symbol
         self._seq = 0
         self._held = 0  # the last batch the stream holds already
         self._stop = threading.Event()
@@ -135,10 +135,11 @@ class Ingest:
         if last is not None:
             before = msgspec.json.decode(last.data, type=wire.Run)
             if (before.symbols, before.partitions) != (run.symbols, run.partitions):
+                held = ", ".join(before.symbols) or "every symbol"
                 raise ConfigError(
-                    f"The stream {wire.MD_STREAM} holds a run of {', '.join(before.symbols)} "
-                    f"in {before.partitions} partitions: ingest the same, or start with "
-                    "--reset to empty the streams first."
+                    f"The stream {wire.MD_STREAM} holds a run of {held} in "
+                    f"{before.partitions} partitions: ingest the same, or start with --reset "
+                    "to empty the streams first."
                 )
         clock = self.bus.last(wire.MD_STREAM, wire.CLOCK)
         self._held = int(clock.headers.get(wire.SEQ, "0")) if clock is not None else 0

@@ -403,11 +403,13 @@ class FeedClient(Worker[None]):
             self._notice("status", f"{kind}: {message}")
 
     def _record_gap(self, start: int, end: int) -> None:
-        for pair in self.pairs:
+        named = [p for p in self.pairs if p != "*"]  # every pair ("*"): no symbol to name
+        for pair in named:
             gap = Gap(from_pair(pair), start, end)
             self.gaps.append(gap)
         seconds = (end - start) / 1000
-        self._notice("gap", f"{len(self.pairs)} symbols without data for {seconds:.1f} s")
+        which = f"{len(named)} symbols" if len(named) == len(self.pairs) else "every symbol"
+        self._notice("gap", f"{which} without data for {seconds:.1f} s")
 
 
 def _statuses(data: bytes) -> list[Status]:

@@ -55,8 +55,9 @@ CLOCK_SCHEMA: Schema = {"time": pl.Int64, "received": pl.Int64, "part": pl.Int16
 
 
 class Run(msgspec.Struct, frozen=True):
-    """What ingest publishes once on `polystream.md.run`, for the shards: the symbols, the
-    number of partitions, and whether the source is live (a replay's end makes bars final)."""
+    """What ingest publishes once on `polystream.md.run`, for the shards: the symbols (none:
+    every symbol of the feed), the number of partitions, and whether the source is live (a
+    replay's end makes bars final)."""
 
     symbols: tuple[str, ...]
     partitions: int

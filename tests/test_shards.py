@@ -227,3 +227,18 @@ def test_another_run_needs_reset(server: NatsServer, recording: Path, tmp_path: 
         run = bus.last(wire.MD_STREAM, wire.RUN)
         assert run is not None and json.loads(run.data)["symbols"] == ["X:BTCUSD"]
         assert bus.last(wire.OUT_STREAM, "polystream.status.ingest") is not None
+
+
+def test_ingest_of_every_symbol_equals_one_process_of_them_all(
+    server: NatsServer, recording: Path, plain: list[str], tmp_path: Path
+) -> None:
+    """`ingest --all`: no list of symbols; the shards take whatever their partitions hold."""
+    feeding = polystream(
+        "ingest", "--all", "--feed", str(recording), "--publish", server.url, "--partitions",
+        "8", state=tmp_path,
+    )  # fmt: skip
+    procs = [shard(server.url, k, 2, tmp_path) for k in range(2)]
+    finish(feeding)
+    assert sorted(r for p in procs for r in results(finish(p))) == plain
+    both = polystream("ingest", "X:BTCUSD", "--all", "--publish", server.url, state=tmp_path)
+    assert both.wait(timeout=60) == 2

@@ -15,6 +15,7 @@ number of shards and however often one restarted.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -57,6 +58,10 @@ def owned(run: wire.Run, shard: int, shards: int) -> tuple[set[int], tuple[str, 
     parts = {p for p in range(run.partitions) if p % shards == shard}
     symbols = tuple(s for s in run.symbols if wire.partition(s, run.partitions) in parts)
     return parts, symbols
+
+
+class _Stopped(Exception):
+    """The pipeline stopped the source while it waited for a message."""
 
 
 class ShardSource:
@@ -128,6 +133,12 @@ class ShardSource:
             except queue.Full:
                 continue
 
+    def _end(self, error: str | None = None) -> None:
+        """The end of the stream for the pipeline, which drains until it sees it (a stopped
+        shard too)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(EndOfStream(error), timeout=2.0)
+
     def _read(self) -> None:
         self._put(Notice("connected", int(time.time() * 1000), f"{self.name} of {self.bus.shown}"))
         try:
@@ -138,14 +149,16 @@ class ShardSource:
                     ended = self._batch(clock)
                     if ended:
                         self.state = "ended"
-                        self._put(EndOfStream())
+                        self._end()
                         return
+        except _Stopped:
+            pass
         except PolystreamError as exc:
             self.fatal = exc
             self.state = "failed"
-            self._put(EndOfStream(str(exc)))
+            self._end(str(exc))
             return
-        self._put(EndOfStream())
+        self._end()
 
     def _pull(self, subject: str) -> list[Message]:
         """What `subject` has now, waiting up to half a second for the first message: pushed
@@ -182,7 +195,7 @@ class ShardSource:
         while True:
             while not buffer:
                 if self._stop.is_set():
-                    raise BusError(f"{self.name} stopped while waiting for {subject}.")
+                    raise _Stopped
                 buffer += self._pull(subject)
             message = buffer.pop(0)
             found = int(message.headers.get(wire.SEQ, "0"))

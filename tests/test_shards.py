@@ -242,3 +242,23 @@ def test_ingest_of_every_symbol_equals_one_process_of_them_all(
     assert sorted(r for p in procs for r in results(finish(p))) == plain
     both = polystream("ingest", "X:BTCUSD", "--all", "--publish", server.url, state=tmp_path)
     assert both.wait(timeout=60) == 2
+
+
+def test_ctrl_c_stops_a_live_shard_at_once(server: NatsServer, tmp_path: Path) -> None:
+    feeding = polystream(
+        "ingest", "X:BTCUSD", "--feed", "demo", "--publish", server.url, "--duration", "8",
+        state=tmp_path,
+    )  # fmt: skip
+    watching = polystream(
+        "watch", "--from", server.url, "--shard", "0/1", "-t", "1s", "--json", "--no-ui",
+        "--filters", FILTERS, state=tmp_path,
+    )  # fmt: skip
+    time.sleep(4)
+    watching.send_signal(signal.SIGINT)
+    asked = time.monotonic()
+    _, err = watching.communicate(timeout=30)
+    assert watching.returncode == 130, err
+    assert time.monotonic() - asked < 3.0
+    feeding.send_signal(signal.SIGINT)
+    feeding.communicate(timeout=30)
+    assert feeding.returncode == 130

@@ -61,8 +61,10 @@ class Feed(NamedTuple):
 
 
 def store_feeds(run: wire.Run) -> list[Feed]:
-    """The store's consumers: the partitions that hold the run's symbols, bars and alerts."""
-    parts = sorted({wire.partition(s, run.partitions) for s in run.symbols})
+    """The store's consumers: the partitions that hold the run's symbols (every partition
+    for a run of every symbol), bars and alerts."""
+    held = {wire.partition(s, run.partitions) for s in run.symbols}
+    parts = sorted(held) if run.symbols else list(range(run.partitions))
     md = [Feed(wire.MD_STREAM, f"{STORE_DURABLE}-md-{p}", wire.md_subject(p)) for p in parts]
     return [
         *md,

@@ -340,3 +340,8 @@ def test_the_store_has_one_durable_consumer_per_partition_of_the_run() -> None:
     ]
     assert all(f.durable.startswith(STORE_DURABLE) for f in feeds)
     assert len({f.durable for f in feeds}) == len(feeds)
+    # a run of every symbol (`ingest --all`): every partition
+    every = store_feeds(msgspec.structs.replace(RUN, symbols=()))
+    assert [f.subject for f in every][: RUN.partitions] == [
+        wire.md_subject(p) for p in range(RUN.partitions)
+    ]

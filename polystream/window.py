@@ -463,8 +463,10 @@ class BarEngine:
         if late.height:
             # Replay history in order: bars due when a late trade arrived are final before it
             # revises one of them; bars that became due after it are built with it applied.
-            for (w_before,), group in late.group_by("w_before", maintain_order=True):
-                self.watermark = int(w_before)
+            # One revision per frame: frames, unlike passes, are the same however the stream
+            # is cut (late trades of two frames under one watermark are two revisions).
+            for _, group in late.group_by("received", maintain_order=True):
+                self.watermark = int(group["w_before"][0])
                 emitted.append(self._finalize(eof=False))
                 emitted.append(self._revise(group))
             self.watermark = watermark

@@ -19,7 +19,6 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
 
 import msgspec
 import polars as pl
@@ -28,7 +27,7 @@ from . import display, wire
 from .bus import Bus, BusError, Message, Reader
 from .errors import ConfigError, PolystreamError
 from .schema import Gap, Notice
-from .sinks import BaseSink, Output, View
+from .sinks import BaseSink, Output
 from .source import Decoded, EndOfStream, Item
 
 _JSON = msgspec.json.Encoder()
@@ -269,6 +268,3 @@ Partial bars, which a stopping shard has open, are not published."""
 
     def counters(self) -> dict[str, int]:
         return {"published": self.published, "republish_skipped": self.skipped}
-
-    def close(self, view: View) -> Sequence[Notice]:
-        return ()

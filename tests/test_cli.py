@@ -87,7 +87,7 @@ def assert_one_sentence_error(result: subprocess.CompletedProcess[str], *words: 
 
 
 def test_demo_json_runs_the_whole_pipeline(tmp_path: Path) -> None:
-    result = run(tmp_path, "demo", "--no-ui", "--json", "--duration", "3")
+    result = run(tmp_path, "demo", "--no-ui", "--json", "--duration", "6")
     assert result.returncode == 0, result.stderr
     recs = records(result.stdout)
     statuses = [r for r in recs if r["type"] == "status"]

@@ -89,6 +89,8 @@ class RunOptions(msgspec.Struct, frozen=True):
     bus: str | None = None  # nats://…: a shard of a run that `ingest` publishes there
     shard: tuple[int, int] = (0, 1)  # K of N: the partitions p % N == K
     serve: str | None = None
+    metrics: str | None = None  # [HOST:]PORT to serve /metrics and /healthz on
+    watchdog: float = 30.0  # seconds without data: the feed reconnects and counts as down
 
 
 def run(options: RunOptions, settings: Settings | None = None) -> RunResult:
@@ -147,7 +149,13 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
             units.append(GapRepair(history, stages, lambda: source.gaps))
         sinks = _sinks(options, symbols, timeframes)
         pipeline = Pipeline(
-            source, stages, sinks, units=units, live=live, duration=options.duration
+            source,
+            stages,
+            sinks,
+            units=units,
+            live=live,
+            duration=options.duration,
+            watchdog=options.watchdog,
         )
         if not watcher.filters:
             pipeline.report("no_filters", _no_filters(watcher.directory))
@@ -192,9 +200,7 @@ def _shard_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
             filters=filters,
             min_pending=0 if run.live else REPLAY_PENDING,
         )
-        units: list[FilterReload | GapRepair] = [
-            FilterReload(watcher, filters, settings.state_dir)
-        ]
+        units: list[FilterReload | GapRepair] = [FilterReload(watcher, filters, settings.state_dir)]
         sinks = _sinks(options, symbols, timeframes)
         pipeline = Pipeline(
             source,
@@ -328,7 +334,7 @@ def _source(
     feed = options.feed
     if feed == "demo":
         demo = stack.enter_context(DemoFeed(seed=options.seed))
-        return FeedClient(demo.url, "demo", pairs, channels)
+        return FeedClient(demo.url, "demo", pairs, channels, options=_feed_options(options))
     if feed == "polygon" or feed.startswith(("ws://", "wss://")):
         url = settings.ws_url if feed == "polygon" else check_url("--feed", feed, ("ws", "wss"))
         key = settings.api_key
@@ -339,7 +345,7 @@ def _source(
                 f"No API key for the feed at {url}: set POLYGON_API_KEY (or MASSIVE_API_KEY) "
                 "in the environment or .env, or try the built-in feed with `polystream demo`."
             )
-        return FeedClient(url, key, pairs, channels, options=FeedOptions())
+        return FeedClient(url, key, pairs, channels, options=_feed_options(options))
     path = Path(feed)
     if not path.exists():
         raise ConfigError(
@@ -347,6 +353,12 @@ def _source(
             "or a ws:// or wss:// URL)."
         )
     return ReplaySource(path, speed=options.speed)
+
+
+def _feed_options(options: RunOptions) -> FeedOptions:
+    if not options.watchdog > 0:
+        raise ConfigError(f"Invalid --watchdog {options.watchdog:g} s: give a positive duration.")
+    return FeedOptions(silence_timeout=options.watchdog)
 
 
 def database_url(settings: Settings) -> str:

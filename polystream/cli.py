@@ -82,9 +82,7 @@ def _settings(**overrides: str | None) -> Settings:
 # Options `watch` and `demo` share, declared once.
 TimeframeOption = Annotated[
     list[str],
-    typer.Option(
-        "--timeframe", "-t", help=f"Bar timeframe, repeatable: {' '.join(TIMEFRAMES)}."
-    ),
+    typer.Option("--timeframe", "-t", help=f"Bar timeframe, repeatable: {' '.join(TIMEFRAMES)}."),
 ]
 NoUiOption = Annotated[bool, typer.Option("--no-ui", help="No dashboard; plain lines.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON lines on stdout.")]
@@ -95,6 +93,22 @@ RecordOption = Annotated[
     Path | None, typer.Option(help="Record every frame to FILE (.gz/.zst compress).")
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the demo feed.")]
+MetricsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="Serve Prometheus metrics on /metrics and health on /healthz (host 127.0.0.1 "
+        "unless given; port 0 picks a free one).",
+    ),
+]
+WatchdogOption = Annotated[
+    str,
+    typer.Option(
+        help="Reconnect, and count the feed as down (health, Telegram), after this long "
+        "without data."
+    ),
+]
 ServeOption = Annotated[
     str | None,
     typer.Option(
@@ -204,6 +218,8 @@ def watch(
     ] = True,
     utc: UtcOption = False,
     serve: ServeOption = None,
+    metrics: MetricsOption = None,
+    watchdog: WatchdogOption = "30s",
     from_bus: Annotated[
         str | None,
         typer.Option(
@@ -248,8 +264,12 @@ def watch(
 
         _settings()
         code = view_results(
-            from_bus, symbols or (), ui="lines" if no_ui else "dashboard", json=json_out,
-            duration=duration, utc=utc,
+            from_bus,
+            symbols or (),
+            ui="lines" if no_ui else "dashboard",
+            json=json_out,
+            duration=duration,
+            utc=utc,
         )
         raise typer.Exit(code)
     if not symbols and from_bus is None:
@@ -275,6 +295,8 @@ def watch(
             warmup=warmup,
             utc=utc,
             serve=serve,
+            metrics=metrics,
+            watchdog=parse_duration(watchdog, "--watchdog"),
             bus=from_bus,
             shard=parse_shard(shard) if shard else (0, 1),
         ),
@@ -308,6 +330,7 @@ def demo(
     ] = False,
     utc: UtcOption = False,
     serve: ServeOption = None,
+    metrics: MetricsOption = None,
     db_url: DatabaseUrlOption = None,
 ) -> None:
     """The whole pipeline on the built-in demo feed: no key, no network.
@@ -338,6 +361,7 @@ def demo(
         notify=notify,
         utc=utc,
         serve=serve,
+        metrics=metrics,
         db_url=db_url,
     )
 
@@ -785,6 +809,7 @@ app.command("chart")(chart_command)
 _METAVARS = {
     "timeframe": "TF",
     "lateness": "DURATION",
+    "watchdog": "DURATION",
     "revision_horizon": "DURATION",
     "cooldown": "DURATION",
     "bars": "SOURCE",

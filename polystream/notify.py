@@ -61,13 +61,14 @@ class NotifyStats(msgspec.Struct):
     """Counters of one notifier: `sent` messages Telegram accepted (each part of a split text
     counts), `retried` requests repeated after a 429, 5xx or network error, `pending` (chat,
     alert) rows in the outbox, `failed` (chat, alert) pairs given up on after a refusal, and
-    `digests` digest messages completed."""
+    `digests` digest messages completed, `throttled` 429 answers (each also counts as retried)."""
 
     sent: int = 0
     retried: int = 0
     pending: int = 0
     failed: int = 0
     digests: int = 0
+    throttled: int = 0
 
 
 def escape(text: str) -> str:
@@ -555,6 +556,7 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             self._delivered(job, done)
         elif code == 429:
             self._stats.retried += 1
+            self._stats.throttled += 1
             wait = _seconds(parameters.get("retry_after"), response.headers.get("Retry-After"))
             self._chat_next[chat] = done + wait
             log.info("Telegram asked to slow down for chat %s: retrying in %g s.", chat, wait)

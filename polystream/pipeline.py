@@ -92,6 +92,7 @@ class Pipeline:
         tick_every: float = 0.25,
         drain_timeout: float = 5.0,
         duration: float | None = None,
+        watchdog: float = 0.0,
     ) -> None:
         self.source = source
         self.stages = stages
@@ -101,6 +102,7 @@ class Pipeline:
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.duration = duration
+        self.watchdog = watchdog  # seconds without data after which a live feed counts as down
         self.passes = 0
         self._clock = clock
         self._tick_every = tick_every
@@ -108,6 +110,8 @@ class Pipeline:
         self._reported: collections.deque[Notice] = collections.deque()
         self._gaps = 0
         self._lag = 0
+        self._last_data: int | None = None  # pipeline clock ms of the latest frame, live
+        self._started = self.now_ms()
         self._ended = False
         self._interrupted = False
         self._signal: int | None = None
@@ -190,13 +194,15 @@ class Pipeline:
             for out in self.stages.step(frames):
                 self.sinks.write(out)
             if self.live:
-                self._lag = max(0, self.now_ms() - frames[-1].received)
+                self._last_data = frames[-1].received
+                self._lag = max(0, self.now_ms() - self._last_data)
         for part in decoded:
             self.passes += 1
             for out in self.stages.step_decoded(part):
                 self.sinks.write(out)
             if self.live:
-                self._lag = max(0, self.now_ms() - part.batch.received)
+                self._last_data = part.batch.received
+                self._lag = max(0, self.now_ms() - self._last_data)
         if end is not None:
             self._end(end)
 
@@ -275,6 +281,8 @@ class Pipeline:
         decoded, bars = st.decoder.stats, st.engine.stats
         filters = st.filters
         depth, capacity = source.depth()
+        now = self.now_ms()
+        quiet = now - (self._started if self._last_data is None else self._last_data)
         feed = FeedState(
             state=source.state,
             reconnects=source.reconnects,
@@ -295,10 +303,12 @@ class Pipeline:
             filters=len(filters.filters) if filters is not None else 0,
             alerts=sum(filters.fired.values()) if filters is not None else 0,
             sinks=self.sinks.counters(),
+            quiet_ms=max(0, quiet) if self.live else 0,
+            watchdog_ms=int(self.watchdog * 1000) if self.live else 0,
         )
         options = st.options
         return View(
-            self.now_ms(),
+            now,
             st.symbols,
             tuple(timeframe_name(tf) for tf in options.timeframes),
             options.params.warmup,

@@ -138,6 +138,7 @@ class Alert(msgspec.Struct):
     message: str
     values: dict[str, float | None]
     notify: tuple[str, ...] = ()
+    attach: str | None = None  # "chart": Telegram sends it with a chart of the bars around it
 
     def record(self) -> dict[str, object]:
         return {"type": "alert", **{c: getattr(self, c) for c in ALERT}}

@@ -80,6 +80,10 @@ class FeedState(msgspec.Struct):
     filters: int = 0
     alerts: int = 0
     sinks: dict[str, int] = msgspec.field(default_factory=dict)  # rows stored, messages sent…
+    # live runs: ms since the latest frame arrived (since the start before any), and the silence
+    # after which the feed counts as down (0: no watchdog, as in a replay)
+    quiet_ms: int = 0
+    watchdog_ms: int = 0
 
 
 class View(msgspec.Struct):
@@ -93,6 +97,13 @@ class View(msgspec.Struct):
     feed: FeedState
     # asked twice to stop: close at once, keeping what is not delivered on disk
     hurry: bool = False
+
+
+def feed_down(feed: FeedState) -> str | None:
+    """Why the feed counts as down (no data for longer than the watchdog), or None."""
+    if feed.watchdog_ms <= 0 or feed.quiet_ms <= feed.watchdog_ms:
+        return None
+    return f"no data for {feed.quiet_ms / 1000:.0f} s (feed {feed.state})"
 
 
 class Sink(Protocol):

@@ -3,6 +3,7 @@ handling, the persistent outbox across restarts, and the token kept out of every
 
 from __future__ import annotations
 
+import email.policy
 import itertools
 import json
 import logging
@@ -14,10 +15,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 import msgspec
 import pytest
@@ -54,7 +56,9 @@ def refusal(code: int, description: str, **parameters: object) -> Reply:
 
 @dataclass
 class Call:
-    """One request as the server saw it, with the status it answered."""
+    """One sendMessage or sendPhoto as the server saw it, with the status it answered: `text` is
+    the message's text or the photo's caption, `photo` the uploaded file, `thread` the
+    message_thread_id."""
 
     token: str
     chat_id: str
@@ -63,12 +67,16 @@ class Call:
     preview_off: bool | None
     at: float
     status: int = 0
+    method: str = "sendMessage"
+    thread: int | None = None
+    photo: bytes | None = None
 
 
 @dataclass
 class BotApi:
-    """The Bot API subset the notifier uses: `sendMessage`, answered first from `script` (one
-    reply per request), then by `answer`; a token other than `TOKEN` gets 401."""
+    """The Bot API subset polystream uses. `sendMessage` and `sendPhoto` (JSON or multipart) are
+    answered first from `script` (one reply per request), then by `answer`; `getUpdates` long-
+    polls `updates` (see `say`); a token other than `TOKEN` gets 401."""
 
     url: str = ""
     calls: list[Call] = field(default_factory=list)
@@ -76,6 +84,10 @@ class BotApi:
     answer: Callable[[Call], Reply] = lambda call: ok()
     delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    polls: list[dict[str, Any]] = field(default_factory=list)  # getUpdates parameters
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+    tokens_seen: list[str] = field(default_factory=list)
 
     def respond(self, call: Call) -> Reply:
         with self.lock:
@@ -97,26 +109,112 @@ class BotApi:
         with self.lock:
             return sum(c.chat_id == chat for c in self.calls)
 
+    def say(
+        self, text: str, *, chat: int = 111, user: int | None = None, thread: int | None = None
+    ) -> int:
+        """A message from `user` (default: the chat's id, as in a private chat) in `chat`, for
+        the next getUpdates; its update_id."""
+        with self.arrived:
+            update_id = 1000 + len(self.updates)
+            message: dict[str, Any] = {
+                "message_id": update_id,
+                "date": int(time.time()),
+                "chat": {"id": chat, "type": "private" if chat > 0 else "supergroup"},
+                "from": {"id": chat if user is None else user, "is_bot": False, "first_name": "u"},
+                "text": text,
+            }
+            if thread is not None:
+                message["message_thread_id"] = thread
+                message["is_topic_message"] = True
+            self.updates.append({"update_id": update_id, "message": message})
+            self.arrived.notify_all()
+        return update_id
+
+    def get_updates(self, token: str, params: dict[str, Any]) -> Reply:
+        if token != TOKEN:
+            return refusal(401, "Unauthorized")
+        offset = int(params.get("offset") or 0)
+        wait = min(float(params.get("timeout") or 0), 5.0)
+        with self.arrived:
+            self.polls.append(params)
+            deadline = time.monotonic() + wait
+            while True:
+                new = [u for u in self.updates if u["update_id"] >= offset]
+                left = deadline - time.monotonic()
+                if new or left <= 0:
+                    break
+                self.arrived.wait(left)
+        return 200, {"ok": True, "result": new[: int(params.get("limit") or 100)]}
+
+    def photos(self, chat: str | None = None) -> list[Call]:
+        return [c for c in self.delivered(chat) if c.method == "sendPhoto"]
+
+    def texts(self, chat: str | None = None) -> list[str]:
+        return [c.text for c in self.delivered(chat)]
+
+
+def _form(content_type: str, raw: bytes) -> dict[str, Any]:
+    """The fields of a multipart/form-data body: text as str, files as bytes."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        fields[str(name)] = payload if part.get_filename() else payload.decode()
+    return fields
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_POST(self) -> None:
+        self._handle()
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
         at = time.monotonic()
+        path, _, query = self.path.partition("?")
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.loads(raw) if raw else {}
-        m = re.fullmatch(r"/bot([^/]+)/sendMessage", self.path)
-        call = Call(
-            token=unquote(m.group(1)) if m else "",
-            chat_id=str(body.get("chat_id")),
-            text=body.get("text", ""),
-            parse_mode=body.get("parse_mode"),
-            preview_off=body.get("disable_web_page_preview"),
-            at=at,
-        )
-        if self.server.api.delay:
-            time.sleep(self.server.api.delay)
-        status, reply = self.server.api.respond(call)
+        content_type = self.headers.get("Content-Type", "")
+        body: dict[str, Any]
+        if content_type.startswith("multipart/form-data"):
+            body = _form(content_type, raw)
+        elif content_type.startswith("application/x-www-form-urlencoded"):
+            body = {k: v[-1] for k, v in parse_qs(raw.decode()).items()}
+        else:
+            body = json.loads(raw) if raw else {}
+        body |= {k: v[-1] for k, v in parse_qs(query).items()}
+        m = re.fullmatch(r"/bot([^/]+)/(\w+)", path)
+        token = unquote(m.group(1)) if m else ""
+        method = m.group(2) if m else ""
+        self.server.api.tokens_seen.append(token)
+        if method == "getUpdates":
+            status, reply = self.server.api.get_updates(token, body)
+        else:
+            thread = body.get("message_thread_id")
+            photo = body.get("photo")
+            call = Call(
+                token=token,
+                chat_id=str(body.get("chat_id")),
+                text=body.get("text", body.get("caption", "")),
+                parse_mode=body.get("parse_mode"),
+                preview_off=body.get("disable_web_page_preview"),
+                at=at,
+                method=method,
+                thread=None if thread is None else int(thread),
+                photo=photo if isinstance(photo, bytes) else None,
+            )
+            if self.server.api.delay:
+                time.sleep(self.server.api.delay)
+            if method in ("sendMessage", "sendPhoto"):
+                status, reply = self.server.api.respond(call)
+            else:
+                status, reply = refusal(404, "Not Found")
         data = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -5,16 +5,25 @@ The outbox is a SQLite file in the state directory, so what is undelivered at `s
 with the next run, once per chat. Sending keeps within Telegram's rate limits; a backlog for one
 chat is coalesced into a digest, sent in parts of at most `PART_ALERTS` alerts; texts over 4096
 characters are split at line boundaries. One request is in flight at a time and each accepted
-part is recorded before the next is sent, so a crash can deliver at most one part twice; a clean
-stop none (only a request answered after its timeout is sent again). Refusals (bad token,
-blocked bot, unknown chat) are reported once each in `problems`. The bot token never appears in
-a log line, an error or a repr.
+part (a photo is one) is recorded before the next is sent, so a crash can deliver at most one
+part twice; a clean stop none (only a request answered after its timeout is sent again).
+Refusals (bad token, blocked bot, unknown chat) are reported once each in `problems`, naming the
+chat entry as written. The bot token never appears in a log line, an error or a repr.
+
+A chat entry `CHAT:THREAD` is a forum topic: its messages carry `message_thread_id`, and it is
+paced as part of its chat. An alert whose filter asks for `attach: chart` is stored with its bars
+and sent on its own (never in a digest) as a photo drawn on the worker thread, captioned with its
+text; a text too long for a caption (1024 characters) gets its first line as the caption and
+follows the photo in full as messages. If the chart cannot be drawn, the text goes out with a
+line saying why.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import html
+import io
 import logging
 import re
 import sqlite3
@@ -28,6 +37,7 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import msgspec
+import polars as pl
 import requests
 
 from .config import DEFAULT_TELEGRAM_API_URL, RedactingFilter, Redactor
@@ -38,6 +48,9 @@ from .worker import Backoff, Worker
 log = logging.getLogger(__name__)
 
 MAX_TEXT = 4096
+MAX_CAPTION = 1024
+# A chart sent with an alert: readable on a phone, a few hundred kilobytes at most.
+CHART_SIZE = (960, 640)
 OUTBOX_FILE = "telegram-outbox.sqlite3"
 # One digest covers at most this many alerts, sent PART_ALERTS to a message.
 DIGEST_MAX = 100
@@ -48,7 +61,9 @@ PART_ALERTS = 10
 # urllib3 logs request lines (which carry the token in the path) at DEBUG from these loggers.
 _URLLIB3_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry")
 # 2: a digest's parts hold at most PART_ALERTS alerts (1 cut it only at MAX_TEXT).
-_SCHEMA_VERSION = 2
+# 3: a row may hold the bars of its chart (Arrow IPC), in the nullable column `bars`.
+_SCHEMA_VERSION = 3
+_DRAWN_KEPT = 8
 _ATOM = re.compile(r"<[^<>]*>|&(?:#\d+|#[xX][0-9a-fA-F]+|\w+);|.", re.S)
 _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 
@@ -110,6 +125,35 @@ def message_parts(alerts: Sequence[Alert], digest: bool) -> list[str]:
     """The messages that deliver `alerts`: one alert's text, or a digest, in parts."""
     parts = split_digest(alerts) if digest else split_message(format_alert(alerts[0]))
     return [p for p in parts if p.strip()]
+
+
+def photo_parts(alert: Alert, limit: int = MAX_CAPTION) -> list[str]:
+    """The caption of an alert's chart, then the messages that follow the photo: the alert's
+    text when it fits a caption; else its first line (severity, filter, symbol), with the whole
+    text following in messages."""
+    text = format_alert(alert)
+    if _units(text) <= limit:
+        return [text]
+    header = text.split("\n", 1)[0]
+    if _units(header) > limit:
+        header = split_message(header, limit)[0]
+    return [header, *message_parts([alert], False)]
+
+
+def chartless_parts(alert: Alert, reason: str) -> list[str]:
+    """The messages of an alert whose chart cannot be drawn: its text and a line saying why."""
+    reason = reason or "It could not be drawn."
+    why = reason[0].lower() + reason[1:] if reason[1:2].islower() else reason
+    text = f"{format_alert(alert)}\n<i>No chart: {escape(why)}</i>"
+    return [p for p in split_message(text) if p.strip()]
+
+
+def split_entry(entry: str) -> tuple[str, int | None]:
+    """A TELEGRAM_CHAT_ID entry as (chat, topic): `-100123:45` is topic 45 of chat -100123."""
+    chat, colon, thread = entry.partition(":")
+    if colon and thread.isdigit() and int(thread) > 0:
+        return chat, int(thread)
+    return entry, None
 
 
 def _units(text: str) -> int:
@@ -186,17 +230,20 @@ def _cut(atoms: list[str], depths: list[int], start: int, end: int) -> int:
 
 @dataclass
 class _Job:
-    """The message being sent to one chat: the outbox rows it stands for and its parts."""
+    """The message being sent to one chat entry: the outbox rows it stands for and its parts;
+    with a `photo`, the first part is that photo's caption."""
 
     chat: str
     ids: list[int]
     parts: list[str]
     sent: int
     digest: bool
+    photo: bytes | None = None
 
 
 class TelegramNotifier(Worker[Sequence[Alert]]):
-    """Sends alerts to every chat in `chat_ids` through the Bot API at `api_url`.
+    """Sends alerts to every chat in `chat_ids` (`CHAT` or `CHAT:THREAD` for a forum topic)
+    through the Bot API at `api_url`.
 
     Its inbox is the outbox in `state_dir`, not memory: `offer` stores each alert there before it
     returns, so it never blocks on the network and never drops, however much is pending. `stop`
@@ -228,6 +275,13 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         self.chat_ids = tuple(dict.fromkeys(c.strip() for c in chat_ids if c.strip()))
         if not self.chat_ids:
             raise NotifyError("No Telegram chat to send alerts to: set TELEGRAM_CHAT_ID.")
+        for entry in self.chat_ids:
+            chat, colon, _ = entry.partition(":")
+            if colon and (not chat or split_entry(entry)[1] is None):
+                raise NotifyError(
+                    f"The Telegram chat {entry!r} is not a chat id or CHAT:THREAD with a "
+                    "positive thread number: correct TELEGRAM_CHAT_ID."
+                )
         self.api_url = api_url.rstrip("/")
         self.per_chat_interval = per_chat_interval
         self.group_interval = group_interval
@@ -239,6 +293,7 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         self.problems: list[str] = []
 
         self._url = f"{self.api_url}/bot{token}/sendMessage"
+        self._photo_url = f"{self.api_url}/bot{token}/sendPhoto"
         self._redact = Redactor([token, quote(token, safe="")])
         self._log_filter = RedactingFilter(self._redact)
         self._stats = NotifyStats()
@@ -246,7 +301,10 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         self._dead: set[str] = set()  # chats that refused the bot: nothing more goes to them
         self._halted = False  # the token was refused: nothing more goes anywhere
         self._jobs: dict[str, _Job] = {}
-        self._chat_next: dict[str, float] = {}
+        self._chat_next: dict[str, float] = {}  # by chat: its topics share Telegram's limits
+        self._chart_warned: set[str] = set()
+        # the last charts drawn: every chat entry gets the same picture, drawn once
+        self._drawn: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._window: collections.deque[float] = collections.deque()
         self._hold_until = 0.0
         self._backoff = Backoff(backoff_initial, backoff_max)
@@ -292,7 +350,8 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                     chat TEXT NOT NULL,
                     alert BLOB NOT NULL,
                     digest INTEGER,
-                    parts_sent INTEGER NOT NULL DEFAULT 0
+                    parts_sent INTEGER NOT NULL DEFAULT 0,
+                    bars BLOB
                 );
                 CREATE INDEX IF NOT EXISTS outbox_chat ON outbox (chat, id);
                 CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -303,6 +362,9 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                 try:
                     if version == 1:
                         _recount_digest_parts(db)
+                    columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+                    if "bars" not in columns:
+                        db.execute("ALTER TABLE outbox ADD COLUMN bars BLOB")
                     db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 except BaseException:
                     db.execute("ROLLBACK")
@@ -353,13 +415,32 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             row = self._db.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
         return None if row is None else int(row[0])
 
-    def offer(self, alerts: Sequence[Alert], *, mark: tuple[str, int] | None = None) -> None:
+    def offer(
+        self,
+        alerts: Sequence[Alert],
+        *,
+        mark: tuple[str, int] | None = None,
+        charts: Sequence[pl.DataFrame | None] | None = None,
+    ) -> None:
         """Store `alerts` for every chat (durably, before returning) and wake the worker;
         `mark` (a name and a number, such as a stream position) is stored in the same
-        transaction, so that a consumer knows exactly what the outbox has, even after a crash."""
+        transaction, so that a consumer knows exactly what the outbox has, even after a crash.
+
+        `charts`, parallel to `alerts`, holds the bars (bar records with indicator columns) to
+        draw for each alert whose `attach` is "chart"; they are stored with it and drawn only
+        when it is sent, keeping the rows of the alert's symbol and timeframe. Bars given for
+        other alerts are ignored."""
         if not alerts and mark is None:
             return
-        encoded = [msgspec.json.encode(a) for a in alerts]
+        if charts is not None and len(charts) != len(alerts):
+            raise ValueError(f"{len(charts)} charts were offered for {len(alerts)} alerts.")
+        encoded = [
+            (
+                msgspec.json.encode(a),
+                _encode_bars(charts[i]) if charts is not None and a.attach == "chart" else None,
+            )
+            for i, a in enumerate(alerts)
+        ]
         with self._lock:
             if self._closed:
                 raise NotifyError(
@@ -367,10 +448,10 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                     "they are not stored."
                 )
             live = [c for c in self.chat_ids if c not in self._dead]
-            rows = [(chat, data) for chat in live for data in encoded]
+            rows = [(chat, data, bars) for chat in live for data, bars in encoded]
             try:
                 with self._transaction() as db:
-                    db.executemany("INSERT INTO outbox (chat, alert) VALUES (?, ?)", rows)
+                    db.executemany("INSERT INTO outbox (chat, alert, bars) VALUES (?, ?, ?)", rows)
                     if mark is not None:
                         db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", mark)
             except sqlite3.Error as exc:
@@ -459,8 +540,9 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         ready = self._hold_until
         if len(self._window) >= self.global_per_second:
             ready = max(ready, self._window[0] + 1.0)
-        chat = min(heads, key=lambda c: (max(self._chat_next.get(c, 0.0), ready), heads[c]))
-        due = max(self._chat_next.get(chat, 0.0), ready)
+        nxt = self._chat_next
+        chat = min(heads, key=lambda c: (max(nxt.get(split_entry(c)[0], 0.0), ready), heads[c]))
+        due = max(nxt.get(split_entry(chat)[0], 0.0), ready)
         if self.stopping and max(due, now) + self._latency >= self.deadline:
             # Once started, a request is waited for to its full timeout (see `stop`).
             self._out_of_time = True
@@ -476,24 +558,28 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             return job
         with self._lock:
             head = self._db.execute(
-                "SELECT id, digest, parts_sent FROM outbox WHERE chat = ? ORDER BY id LIMIT 1",
+                "SELECT id, digest, parts_sent, alert FROM outbox WHERE chat = ? "
+                "ORDER BY id LIMIT 1",
                 (chat,),
             ).fetchone()
+            first = msgspec.json.decode(head[3], type=Alert)
             if head[1] is not None:
                 rows = self._db.execute(
                     "SELECT id, alert FROM outbox WHERE chat = ? AND digest = ? ORDER BY id",
                     (chat, head[1]),
                 ).fetchall()
-            elif head[2] > 0:
-                rows = self._db.execute(
-                    "SELECT id, alert FROM outbox WHERE id = ?", (head[0],)
-                ).fetchall()
+            elif head[2] > 0 or first.attach == "chart":
+                rows = [(head[0], head[3])]
             else:
                 rows = self._db.execute(
                     "SELECT id, alert FROM outbox WHERE chat = ? ORDER BY id LIMIT ?",
                     (chat, DIGEST_MAX),
                 ).fetchall()
-                if len(rows) > self.digest_after:
+                backlog = len(rows)
+                # An alert with a chart goes on its own: a digest takes the rows before it.
+                kinds = [msgspec.json.decode(r[1], type=Alert).attach for r in rows]
+                rows = rows[: next((i for i, k in enumerate(kinds) if k == "chart"), len(rows))]
+                if backlog > self.digest_after and len(rows) > 1:
                     # The digest's members are fixed now, so that after a restart the same
                     # text is rebuilt and only its unsent parts go out.
                     with self._transaction() as db:
@@ -503,30 +589,113 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                         )
                 else:
                     rows = rows[:1]
-        alerts = [msgspec.json.decode(r[1], type=Alert) for r in rows]
         digest = len(rows) > 1 or head[1] is not None
-        parts = message_parts(alerts, digest)
-        # Clamped in case an older version split the same text into more parts.
-        job = _Job(chat, [r[0] for r in rows], parts, min(head[2], len(parts) - 1), digest)
+        if first.attach == "chart" and not digest:
+            job = self._chart_job(chat, head[0], first, head[2])
+        else:
+            alerts = [msgspec.json.decode(r[1], type=Alert) for r in rows]
+            parts = message_parts(alerts, digest)
+            # Clamped in case an older version split the same text into more parts.
+            job = _Job(chat, [r[0] for r in rows], parts, min(head[2], len(parts) - 1), digest)
         self._jobs[chat] = job
         return job
 
+    def _chart_job(self, chat: str, row: int, alert: Alert, sent: int) -> _Job:
+        """The photo and texts of one alert with a chart. The row's `bars` holds the bars
+        (BLOB) until the chart is drawn; if it cannot be, the reason (TEXT) replaces them, so
+        that a restart rebuilds the same texts. Once the first part is delivered the photo is
+        not needed again."""
+        with self._lock:
+            (bars,) = self._db.execute("SELECT bars FROM outbox WHERE id = ?", (row,)).fetchone()
+        if isinstance(bars, str):
+            parts = chartless_parts(alert, bars)
+            return _Job(chat, [row], parts, min(sent, len(parts) - 1), False)
+        if sent > 0:
+            parts = photo_parts(alert)
+            return _Job(chat, [row], parts, min(sent, len(parts) - 1), False)
+        key = hashlib.sha256(msgspec.json.encode(alert) + (bars or b"")).digest()
+        photo = self._drawn.get(key)
+        reason = ""
+        if photo is None:
+            photo, reason = self._draw(alert, bars)
+        if photo is not None:
+            self._drawn[key] = photo
+            self._drawn.move_to_end(key)
+            while len(self._drawn) > _DRAWN_KEPT:
+                self._drawn.popitem(last=False)
+            return _Job(chat, [row], photo_parts(alert), 0, False, photo)
+        with self._lock, self._transaction() as db:
+            db.execute("UPDATE outbox SET bars = ? WHERE id = ?", (reason, row))
+        return _Job(chat, [row], chartless_parts(alert, reason), 0, False)
+
+    def _draw(self, alert: Alert, bars: bytes | None) -> tuple[bytes | None, str]:
+        """The PNG chart of `alert` from its stored bars, or None and why it cannot be drawn
+        (logged once for each reason)."""
+        photo: bytes | None = None
+        try:
+            frame = None if bars is None else pl.read_ipc(io.BytesIO(bars))
+            if frame is not None and alert.timeframe and "timeframe" in frame.columns:
+                frame = frame.filter(pl.col("timeframe") == alert.timeframe)
+            if frame is None or frame.height == 0:
+                reason = "There were no bars to draw."
+            else:
+                from .chart import render_png
+
+                when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(alert.time / 1000))
+                where = f"{alert.symbol} {alert.timeframe}" if alert.timeframe else alert.symbol
+                width, height = CHART_SIZE
+                photo = render_png(
+                    frame,
+                    symbol=alert.symbol,
+                    title=f"{alert.filter} · {where} · {when}",
+                    alerts=[alert],
+                    width=width,
+                    height=height,
+                )
+                reason = ""
+        except PolystreamError as exc:
+            reason = str(exc)
+        except Exception as exc:  # bad bars must not stop the alert itself
+            detail = " ".join(str(exc).split())
+            detail = detail if len(detail) <= 200 else detail[:199] + "…"
+            reason = f"The chart could not be drawn ({type(exc).__name__}: {detail})."
+        if photo is None and reason not in self._chart_warned:
+            self._chart_warned.add(reason)
+            log.warning("%s", self._redact(f"Alerts are sent without a chart: {reason}"))
+        return photo, self._redact(reason)
+
     def _interval(self, chat: str) -> float:
+        """The pause after a message to `chat` (a chat id, not an entry)."""
         if chat.startswith("-"):
             return max(self.per_chat_interval, self.group_interval)
         return self.per_chat_interval
 
-    def _send(self, job: _Job) -> None:
-        chat = job.chat
-        payload = {
-            "chat_id": chat,
+    def _post(self, job: _Job) -> requests.Response:
+        """Send the job's next part: its photo (multipart upload) or a text."""
+        chat_id, thread = split_entry(job.chat)
+        where: dict[str, str | int] = {"chat_id": chat_id}
+        if thread is not None:
+            where["message_thread_id"] = thread
+        if job.sent == 0 and job.photo is not None:
+            fields = where | {"caption": job.parts[0], "parse_mode": "HTML"}
+            return self._session.post(
+                self._photo_url,
+                data={k: str(v) for k, v in fields.items()},
+                files={"photo": ("chart.png", job.photo, "image/png")},
+                timeout=self.timeout,
+            )
+        payload = where | {
             "text": job.parts[job.sent],
             "parse_mode": "HTML",
             "disable_web_page_preview": True,
         }
+        return self._session.post(self._url, json=payload, timeout=self.timeout)
+
+    def _send(self, job: _Job) -> None:
+        chat = job.chat
         started = time.monotonic()
         try:
-            response = self._session.post(self._url, json=payload, timeout=self.timeout)
+            response = self._post(job)
         except requests.RequestException as exc:
             done = time.monotonic()
             self._latency = done - started
@@ -558,7 +727,7 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
             self._stats.retried += 1
             self._stats.throttled += 1
             wait = _seconds(parameters.get("retry_after"), response.headers.get("Retry-After"))
-            self._chat_next[chat] = done + wait
+            self._chat_next[split_entry(chat)[0]] = done + wait
             log.info("Telegram asked to slow down for chat %s: retrying in %g s.", chat, wait)
         elif code in (401, 404):
             self._halted = True
@@ -585,6 +754,8 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         elif 400 <= code < 500:
             migrated = parameters.get("migrate_to_chat_id")
             if migrated is not None:
+                thread = split_entry(chat)[1]
+                migrated = migrated if thread is None else f"{migrated}:{thread}"
                 sentence = (
                     f"Telegram chat {chat} became a supergroup with id {migrated}, so its "
                     f"alerts are dropped: use {migrated} in TELEGRAM_CHAT_ID."
@@ -614,7 +785,8 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
                 self._stats.pending -= len(job.ids)
                 self._stats.digests += job.digest
                 del self._jobs[job.chat]
-        self._chat_next[job.chat] = done + self._interval(job.chat)
+        chat = split_entry(job.chat)[0]
+        self._chat_next[chat] = done + self._interval(chat)
         self._backoff.reset()
         self._hold_until = 0.0
         if self._failing:
@@ -675,6 +847,20 @@ def _recount_digest_parts(db: sqlite3.Connection) -> None:
                 break
             whole += 1
         db.execute("UPDATE outbox SET parts_sent = ? WHERE digest = ?", (whole, digest))
+
+
+def _encode_bars(bars: pl.DataFrame | None) -> bytes | None:
+    """Bars as Arrow IPC bytes for the outbox; None for none, or for bars that cannot be
+    stored (the alert then goes out without its chart, saying so)."""
+    if bars is None:
+        return None
+    buffer = io.BytesIO()
+    try:
+        bars.write_ipc(buffer, compression="zstd")
+    except Exception as exc:  # an unusual column type: the alert itself must not be lost
+        log.warning("The bars of a chart cannot be stored (%s); it is sent without them.", exc)
+        return None
+    return buffer.getvalue()
 
 
 def _json(response: requests.Response) -> dict[str, Any]:

@@ -118,6 +118,15 @@ def database_url(postgres: Cluster) -> Iterator[str]:
             postgres.drop_database(name)
 
 
+@pytest.fixture
+def migrated(database_url: str) -> str:
+    """The URL of a new database with every migration applied."""
+    from polystream import store
+
+    store.migrate(database_url)
+    return database_url
+
+
 def _nats_binary() -> str:
     """nats-server's path; skips the test when it is not installed, except under CI, where its
     absence fails the run."""

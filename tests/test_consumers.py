@@ -19,7 +19,7 @@ import pytest
 from nats_server import NatsServer
 from postgres import free_port
 
-from polystream import store, wire
+from polystream import wire
 from polystream.batch import Batcher
 from polystream.bus import Bus
 from polystream.consumers import NOTIFY_DURABLE, STORE_DURABLE, store_feeds
@@ -51,12 +51,6 @@ def bus(nats: str) -> Iterator[Bus]:
         prepare_streams(b)
         b.publish(wire.RUN, _JSON.encode(RUN))
         yield b
-
-
-@pytest.fixture
-def migrated(database_url: str) -> str:
-    store.migrate(database_url)
-    return database_url
 
 
 def frame(batch: int, trades: int, quotes: int) -> Frame:

@@ -87,12 +87,6 @@ class Watch:
 
 
 @pytest.fixture
-def migrated(tmp_path: Path, database_url: str) -> str:
-    assert run(tmp_path, "migrate", DATABASE_URL=database_url).returncode == 0
-    return database_url
-
-
-@pytest.fixture
 def live_feed() -> Iterator[DemoFeed]:
     with DemoFeed(api_key=API_KEY, bar_seconds=0.05, seed=11) as feed:
         yield feed

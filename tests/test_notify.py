@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -22,10 +23,12 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
 import msgspec
+import polars as pl
 import pytest
 
-from polystream.filters.engine import Alert
+from polystream.filters.engine import Alert, bar_records
 from polystream.notify import (
+    MAX_CAPTION,
     MAX_TEXT,
     OUTBOX_FILE,
     PART_ALERTS,
@@ -771,3 +774,307 @@ def test_a_digest_under_way_in_an_older_outbox_resumes_without_loss(
     skipped = len(full) - len(rest)
     assert 0 < skipped <= len(old_first)  # nothing that was not delivered is skipped
     assert old_first[skipped:].count("<b>WARNING</b>") < PART_ALERTS  # what is sent again
+
+
+# -- charts ------------------------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n"
+MINUTE = 60_000
+T0 = 1_700_000_000_000 - 100 * MINUTE
+
+
+@pytest.fixture(scope="module")
+def bars() -> pl.DataFrame:
+    """120 final 1m bar records of X:BTCUSD with indicator columns, as the pipeline emits them."""
+    closes = [4000 + 30 * ((i * 7) % 11) - 2 * i for i in range(120)]
+    ohlcv = pl.DataFrame(
+        {
+            "time": [T0 + i * MINUTE for i in range(120)],
+            "open": [float(c - 5) for c in closes],
+            "high": [float(c + 12) for c in closes],
+            "low": [float(c - 15) for c in closes],
+            "close": [float(c) for c in closes],
+            "volume": [1.0 + i % 5 for i in range(120)],
+        }
+    )
+    return bar_records(ohlcv, "X:BTCUSD", MINUTE)
+
+
+def charted(message: str = "RSI 27.3 at 4091.2", **options: Any) -> Alert:
+    return msgspec.structs.replace(alert(message, **options), attach="chart")
+
+
+def no_chart(a: Alert, reason: str) -> str:
+    return f"{format_alert(a)}\n<i>No chart: {reason}</i>"
+
+
+def test_an_alert_with_a_chart_is_one_photo_captioned_with_its_text(
+    api: BotApi, make: MakeNotifier, bars: pl.DataFrame
+) -> None:
+    notifier = make()
+    a = charted()
+    notifier.offer([a], charts=[bars])
+    wait_for(lambda: notifier.stats.pending == 0)
+    [call] = api.calls
+    assert call.method == "sendPhoto"
+    assert call.photo is not None and call.photo.startswith(PNG)
+    assert call.text == format_alert(a)
+    assert (call.chat_id, call.parse_mode, call.thread) == ("111", "HTML", None)
+    assert notifier.stats.sent == 1
+
+
+def test_a_chart_in_a_burst_goes_on_its_own_and_every_alert_once(
+    api: BotApi, make: MakeNotifier, bars: pl.DataFrame
+) -> None:
+    notifier = make(digest_after=5)
+    before = [alert(f"before {i}") for i in range(12)]
+    after = [alert(f"after {i}") for i in range(12)]
+    middle = charted("the charted one")
+    notifier.offer([*before, middle, *after], charts=[None] * 12 + [bars] + [None] * 12)
+    wait_for(lambda: notifier.stats.pending == 0)
+    calls = api.delivered()
+    [photo] = api.photos()
+    assert photo.text == format_alert(middle)
+    at = calls.index(photo)
+    assert "".join(c.text for c in calls[:at]) == format_digest(before)
+    assert "".join(c.text for c in calls[at + 1 :]) == format_digest(after)
+    shown = Counter(m for c in calls for m in re.findall(r"(?:before|after) \d+|charted", c.text))
+    assert shown == Counter([*(a.message for a in before + after), "charted"])
+    assert notifier.stats.digests == 2
+
+
+def test_a_chart_survives_a_restart(
+    api: BotApi, make: MakeNotifier, tmp_path: Path, bars: pl.DataFrame
+) -> None:
+    state = tmp_path / "state"
+    first = make(state=state, start=False)
+    a = charted()
+    first.offer([a], charts=[bars])
+    first.stop(0)
+    assert outbox_rows(state) == 1
+    assert api.calls == []
+
+    second = make(state=state)
+    wait_for(lambda: second.stats.pending == 0)
+    [call] = api.calls
+    assert call.method == "sendPhoto" and call.photo is not None and call.photo.startswith(PNG)
+    assert call.text == format_alert(a)
+
+
+def test_a_version_2_outbox_is_migrated(
+    api: BotApi, make: MakeNotifier, tmp_path: Path, bars: pl.DataFrame
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    old = alert("stored by version 2")
+    with sqlite3.connect(state / OUTBOX_FILE) as db:
+        db.executescript(
+            """
+            CREATE TABLE outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                chat TEXT NOT NULL,
+                alert BLOB NOT NULL,
+                digest INTEGER,
+                parts_sent INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE INDEX outbox_chat ON outbox (chat, id);
+            CREATE TABLE marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            PRAGMA user_version = 2;
+            """
+        )
+        db.execute(
+            "INSERT INTO outbox (chat, alert) VALUES ('111', ?)", (msgspec.json.encode(old),)
+        )
+        db.execute("INSERT INTO marks VALUES ('position', 41)")
+    notifier = make(state=state)
+    assert notifier.mark("position") == 41
+    new = charted("stored by version 3")
+    notifier.offer([new], charts=[bars])
+    wait_for(lambda: notifier.stats.pending == 0)
+    assert [(c.method, c.text) for c in api.calls] == [
+        ("sendMessage", format_alert(old)),
+        ("sendPhoto", format_alert(new)),
+    ]
+    notifier.stop(1.0)
+    with sqlite3.connect(state / OUTBOX_FILE) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert "bars" in [row[1] for row in db.execute("PRAGMA table_info(outbox)")]
+
+
+def test_an_outbox_of_a_newer_version_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with sqlite3.connect(state / OUTBOX_FILE) as db:
+        db.execute("PRAGMA user_version = 4")
+    with pytest.raises(NotifyError, match="newer polystream"):
+        TelegramNotifier(TOKEN, ["111"], state)
+
+
+def test_missing_bars_send_the_text_with_the_reason_and_warn_once(
+    api: BotApi, make: MakeNotifier, caplog: pytest.LogCaptureFixture, bars: pl.DataFrame
+) -> None:
+    notifier = make()
+    first, second, empty = charted("first"), charted("second"), charted("empty")
+    notifier.offer([first, second])  # no bars at all
+    notifier.offer([empty], charts=[bars.clear()])
+    wait_for(lambda: notifier.stats.pending == 0)
+    assert api.photos() == []
+    reason = "there were no bars to draw."
+    assert api.texts() == [no_chart(a, reason) for a in (first, second, empty)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["Alerts are sent without a chart: There were no bars to draw."]
+
+
+def test_without_the_chart_extra_the_text_says_how_to_install_it(
+    api: BotApi, make: MakeNotifier, monkeypatch: pytest.MonkeyPatch, bars: pl.DataFrame
+) -> None:
+    # None in sys.modules makes every import of matplotlib fail, on the worker thread too
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    notifier = make()
+    a = charted()
+    notifier.offer([a], charts=[bars])
+    wait_for(lambda: notifier.stats.pending == 0)
+    reason = "drawing a PNG or SVG chart needs matplotlib: pip install 'polystream[chart]'."
+    assert api.texts() == [no_chart(a, reason)]
+
+
+def test_bars_that_cannot_be_drawn_leave_the_text_and_say_why(
+    api: BotApi, make: MakeNotifier, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    notifier = make(state=state)
+    a = charted()
+    notifier.offer([a, alert("next")], charts=[pl.DataFrame({"unrelated": [1, 2]}), None])
+    wait_for(lambda: notifier.stats.pending == 0)
+    first, second = api.texts()
+    assert first.startswith(format_alert(a) + "\n<i>No chart: the chart could not be drawn (")
+    assert first.endswith(").</i>") and first.count("\n") == 2
+    assert second == format_alert(alert("next"))
+    assert (notifier.stats.sent, notifier.stats.failed, notifier.problems) == (2, 0, [])
+
+
+def test_a_caption_too_long_is_the_first_line_and_the_text_follows(
+    api: BotApi, make: MakeNotifier, bars: pl.DataFrame
+) -> None:
+    notifier = make()
+    a = charted("long " * 300)
+    assert len(format_alert(a)) > MAX_CAPTION
+    notifier.offer([a], charts=[bars])
+    wait_for(lambda: notifier.stats.pending == 0)
+    photo, text = api.delivered()
+    assert (photo.method, text.method) == ("sendPhoto", "sendMessage")
+    assert photo.text == "<b>WARNING</b> rsi-oversold · X:BTCUSD 1m"
+    assert text.text == format_alert(a)
+    assert notifier.stats.sent == 2
+
+
+def test_the_text_after_a_delivered_photo_resumes_after_a_restart(
+    api: BotApi, make: MakeNotifier, tmp_path: Path, bars: pl.DataFrame
+) -> None:
+    state = tmp_path / "state"
+    a = charted("long " * 300)
+    api.script = [ok()]
+    api.answer = lambda call: refusal(500, "Internal Server Error")
+    first = make(state=state)
+    first.offer([a], charts=[bars])
+    wait_for(lambda: len(api.calls) >= 2)
+    first.stop(0.2)
+
+    api.answer = lambda call: ok()
+    second = make(state=state)
+    wait_for(lambda: second.stats.pending == 0)
+    assert [(c.method, c.text) for c in api.delivered()] == [
+        ("sendPhoto", "<b>WARNING</b> rsi-oversold · X:BTCUSD 1m"),
+        ("sendMessage", format_alert(a)),
+    ]
+
+
+def test_429_on_a_photo_is_retried(api: BotApi, make: MakeNotifier, bars: pl.DataFrame) -> None:
+    api.script = [refusal(429, "Too Many Requests: retry after 1", retry_after=1)]
+    notifier = make()
+    notifier.offer([charted()], charts=[bars])
+    wait_for(lambda: notifier.stats.pending == 0)
+    refused, accepted = api.calls
+    assert [c.method for c in api.calls] == ["sendPhoto", "sendPhoto"]
+    assert (refused.status, accepted.status) == (429, 200)
+    assert accepted.at - refused.at >= 1.0
+    assert accepted.photo is not None and accepted.photo.startswith(PNG)
+    assert (notifier.stats.throttled, notifier.stats.sent) == (1, 1)
+
+
+# -- topics ------------------------------------------------------------------------------------
+
+
+def test_a_topic_entry_sends_to_its_chat_and_thread(
+    api: BotApi, make: MakeNotifier, bars: pl.DataFrame
+) -> None:
+    notifier = make(("-100123:45", "-100123:46", "111"), group_interval=0.3)
+    text, photo = alert("text"), charted("photo")
+    notifier.offer([text, photo], charts=[None, bars])
+    wait_for(lambda: notifier.stats.pending == 0)
+    seen = Counter((c.method, c.chat_id, c.thread, c.text) for c in api.delivered())
+    assert seen == Counter(
+        (method, chat, thread, format_alert(a))
+        for chat, thread in (("-100123", 45), ("-100123", 46), ("111", None))
+        for method, a in (("sendMessage", text), ("sendPhoto", photo))
+    )
+    assert len({c.photo for c in api.photos()}) == 1  # one picture for every entry
+    # both topics are one group chat for pacing
+    times = sorted(c.at for c in api.delivered("-100123"))
+    assert len(times) == 4
+    assert all(b - a >= 0.3 for a, b in itertools.pairwise(times))
+
+
+def test_a_refused_topic_is_named_as_written_and_the_others_still_get_alerts(
+    api: BotApi, make: MakeNotifier
+) -> None:
+    def answer(call: Call) -> Reply:
+        if call.thread == 46:
+            return refusal(400, "Bad Request: message thread not found")
+        return ok()
+
+    api.answer = answer
+    notifier = make(("-100123:45", "-100123:46"))
+    notifier.offer([alert("a"), alert("b")])
+    wait_for(lambda: notifier.stats.pending == 0)
+    assert notifier.problems == [
+        "Telegram refused the message for chat -100123:46: Bad Request: message thread not "
+        "found; its pending alerts are dropped (check TELEGRAM_CHAT_ID)."
+    ]
+    assert [c.text for c in api.delivered()] == [format_alert(alert(m)) for m in ("a", "b")]
+    assert {c.thread for c in api.delivered()} == {45}
+
+
+def test_a_bad_topic_entry_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(NotifyError) as info:
+        TelegramNotifier(TOKEN, ["-100123:abc"], tmp_path)
+    message = str(info.value)
+    assert "'-100123:abc'" in message and message.endswith(".") and "\n" not in message
+
+
+def test_the_token_stays_out_of_photo_requests_and_their_errors(
+    api: BotApi,
+    make: MakeNotifier,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    bars: pl.DataFrame,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    unreachable = make(state=tmp_path / "a", api_url=f"http://127.0.0.1:{closed_port}")
+    unreachable.offer([charted()], charts=[bars])
+    wait_for(lambda: unreachable.stats.retried >= 2)
+    working = make(("-100123:45",), state=tmp_path / "b")
+    working.offer([charted()], charts=[bars])
+    wait_for(lambda: working.stats.pending == 0)
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("could not reach Telegram" in m and "sendPhoto" in m for m in messages)
+    assert any("POST /bot" in m and "sendPhoto" in m for m in messages)  # urllib3's request line
+    shown = [*messages, caplog.text, repr(unreachable), repr(working)]
+    for form in (TOKEN, quote(TOKEN, safe=""), TOKEN.split(":")[1]):
+        assert not any(form in text for text in shown), form

@@ -390,7 +390,9 @@ class FilterEngine:
                 )
                 message = template.render(context)
                 out.append(
-                    Alert(f.name, symbol, timeframe, t, f.severity, message, shown, f.notify)
+                    Alert(
+                        f.name, symbol, timeframe, t, f.severity, message, shown, f.notify, f.attach
+                    )
                 )
             self.fired[f.name] = self.fired.get(f.name, 0) + len(rows)
             latest = max(columns["_time"][position[r]] for r in rows)

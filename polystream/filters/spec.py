@@ -32,6 +32,8 @@ NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 TRIGGERS = ("edge", "level")
 SEVERITIES: tuple[Severity, ...] = get_args(Severity)
 NOTIFIERS = ("console", "telegram")
+# what `attach:` may ask to send with an alert: a chart of the bars around it (Telegram)
+ATTACHMENTS = ("chart",)
 KEYS = (
     "name",
     "description",
@@ -44,6 +46,7 @@ KEYS = (
     "severity",
     "message",
     "notify",
+    "attach",
 )
 # names every message may use besides the row's values
 META = ("filter", "symbol", "timeframe", "time", "severity")
@@ -154,6 +157,7 @@ class Filter(msgspec.Struct, frozen=True):
     severity: Severity = "warning"
     message: str = ""
     notify: tuple[str, ...] = ("console",)
+    attach: str | None = None  # "chart": Telegram sends the alert with a chart of its bars
     path: str = ""
     source: str = ""
 
@@ -194,6 +198,8 @@ class Filter(msgspec.Struct, frozen=True):
         if self.message:
             doc["message"] = self.message
         doc["notify"] = list(self.notify)
+        if self.attach is not None:
+            doc["attach"] = self.attach
         return _emit(doc)
 
 
@@ -467,6 +473,11 @@ def parse_filter(
             if target not in NOTIFIERS:
                 r.node(node, f"unknown notifier {target!r}; expected console or telegram")
         fields["notify"] = tuple(dict.fromkeys(t for _, t in items))
+    if (got := value("attach", "chart")) is not None:
+        node, attachment = got
+        if attachment not in ATTACHMENTS:
+            r.node(node, f"unknown attachment {attachment!r} for attach:; expected chart")
+        fields["attach"] = attachment
 
     compiled: lang.Compiled | None = None
     if (got := value("when", "an expression")) is not None and on:

@@ -167,6 +167,7 @@ def _filter_record(f: Filter, fired: dict[str, int]) -> dict[str, object]:
         "severity": f.severity,
         "message": f.message or None,
         "notify": list(f.notify),
+        "attach": f.attach,
         "last_fired": fired.get(f.name),
     }
 

@@ -527,6 +527,7 @@ def test_list_json_has_every_setting_and_the_invalid_files(
         "severity": "critical",
         "message": "{symbol} RSI {rsi_14:.1f}",
         "notify": ["console", "telegram"],
+        "attach": None,
         "last_fired": T0,
     }
     every = by_name["every-bar"]

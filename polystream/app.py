@@ -27,6 +27,7 @@ from . import display, wire
 from .config import DEFAULT_REST_URL, Settings, check_url, load_settings, timeframe_name
 from .decode import Decoder
 from .errors import ConfigError, FeedError, PolystreamError, SymbolError
+from .feedalerts import FeedAlertSink
 from .filters import Filter, FilterEngine, FilterWatcher
 from .indicators import IndicatorParams
 from .pipeline import Pipeline, RunResult, Source
@@ -43,6 +44,7 @@ from .window import BarOptions
 
 if TYPE_CHECKING:
     from .ingest import IngestStats
+    from .metrics import MetricsSink
     from .notify import TelegramNotifier
     from .rest import RestClient
     from .store import Store
@@ -159,12 +161,18 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
         )
         if not watcher.filters:
             pipeline.report("no_filters", _no_filters(watcher.directory))
+        if options.metrics is not None:  # before the workers: it closes after them
+            pipeline.add(stack.enter_context(_metrics(options.metrics, pipeline, store, notifier)))
         if options.record is not None:
             pipeline.add(RecorderSink(Recorder(options.record)))
         if store is not None:
             pipeline.add(StoreSink(store, SINK_TIMEOUT, down=store_down))
         if notifier is not None:
-            pipeline.add(TelegramSink(notifier, SINK_TIMEOUT))
+            telegram = _telegram(settings, notifier, filters, store, live)
+            pipeline.add(telegram)
+            # after the notifier's sink: it closes first, while the notifier still takes alerts
+            muted = telegram.mutes.muted if telegram.mutes is not None else None
+            pipeline.add(FeedAlertSink(notifier, store=store, muted=muted))
         if options.warmup and live:
             stored = store is not None and store_down is None
             history_bars = _history(settings, stored, options.feed, symbols, timeframes)
@@ -211,9 +219,24 @@ def _shard_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
             clock=source.clock,
             duration=options.duration,
         )
+        if options.metrics is not None:
+            pipeline.add(stack.enter_context(_metrics(options.metrics, pipeline)))
         if not watcher.filters:
             pipeline.report("no_filters", _no_filters(watcher.directory))
         yield pipeline
+
+
+def _metrics(
+    address: str,
+    pipeline: Pipeline,
+    store: Store | None = None,
+    notifier: TelegramNotifier | None = None,
+) -> MetricsSink:
+    """`--metrics`: serving from now until the run's context exits, so the final values can be
+    read after `run` returned."""
+    from .metrics import MetricsSink
+
+    return MetricsSink(address, pipeline, store, notifier)
 
 
 def ingest(
@@ -406,6 +429,35 @@ def _notifier(settings: Settings, wanted: bool | None) -> TelegramNotifier | Non
         settings.state_dir,
         api_url=settings.telegram_api_url,
     )
+
+
+def _telegram(
+    settings: Settings,
+    notifier: TelegramNotifier,
+    filters: FilterEngine,
+    store: Store | None,
+    live: bool,
+) -> TelegramSink:
+    """The notifier's sink, with mutes, and commands for the chats and users allowed to send
+    them (a replay's mutes run on its event time)."""
+    from .commands import Mutes, RunState, TelegramCommands
+
+    assert settings.telegram_bot_token is not None
+    state = RunState(live=live, store=store, notifier=notifier)
+    mutes = Mutes(settings.state_dir)
+    allowed = settings.telegram_allowed_ids
+    commands = None
+    if allowed:
+        commands = TelegramCommands(
+            settings.telegram_bot_token,
+            allowed,
+            settings.state_dir,
+            state=state,
+            mutes=mutes,
+            filters=filters,
+            api_url=settings.telegram_api_url,
+        )
+    return TelegramSink(notifier, SINK_TIMEOUT, state=state, mutes=mutes, commands=commands)
 
 
 def has_rest(settings: Settings, feed: str) -> bool:

@@ -9,6 +9,7 @@ through the decoder, which counts them and logs the first few.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import polars as pl
 
-from .decode import Decoder
+from .decode import Decoder, channel_of
 from .errors import SymbolError
 from .events import (
     MAX_EXCHANGE,
@@ -86,6 +87,9 @@ class Batch(msgspec.Struct):
     def size(self) -> int:
         return self.trades.height + self.quotes.height + self.aggregates.height + len(self.books)
 
+
+# The kinds of events `Batcher` sorts into trades, quotes, aggregates and books.
+_SORTED = frozenset((Trade, Quote, Aggregate, SecondAggregate, Book))
 
 # Shared, never changed in place: a pass without quotes costs no frame construction.
 _NO_TRADES, _NO_QUOTES, _NO_AGGREGATES = empty(TRADE), empty(QUOTE), empty(AGGREGATE)
@@ -219,12 +223,17 @@ class Batcher:
         books: list[tuple[str, Book]] = []
         ag_received: list[int] = []
         other = 0
+        count = self.decoder.count  # events per channel, from what is sorted out anyway
+        count("XT", len(tr))
+        count("XQ", len(qu))
         if len(tr) + len(qu) < len(events):
+            n_books = 0
             for ev, at in zip(events, received, strict=True):
                 if isinstance(ev, Aggregate):
                     ag.append(ev)
                     ag_received.append(at)
                 elif isinstance(ev, Book):
+                    n_books += 1
                     symbol = self.symbol(ev.pair)
                     if symbol is not None:
                         books.append((symbol, ev))
@@ -232,6 +241,14 @@ class Batcher:
                         self.decoder.reject("a pair that names no symbol", [ev])
                     else:
                         other += 1
+            seconds = sum(map(is_, map(type, ag), repeat(SecondAggregate)))
+            count("XA", len(ag) - seconds)
+            count("XAS", seconds)
+            count("XL2", n_books)
+            if len(tr) + len(qu) + len(ag) + n_books < len(events):  # rare: FMV, status
+                for kind, n in collections.Counter(kinds).items():
+                    if kind not in _SORTED:
+                        count(channel_of(kind), n)
         trades, n = self._trades(tr, list(compress(received, is_trade)))
         other += n
         quotes, n = self._quotes(qu, list(compress(received, is_quote)))

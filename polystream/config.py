@@ -236,6 +236,7 @@ ENV_VARS = (
     "DATABASE_URL",
     "TELEGRAM_BOT_TOKEN",
     "TELEGRAM_CHAT_ID",
+    "TELEGRAM_ALLOWED_IDS",
     "TELEGRAM_API_URL",
     "POLYSTREAM_FILTERS_DIR",
     "POLYSTREAM_STATE_DIR",
@@ -285,12 +286,29 @@ def _password(url: str) -> str | None:
 
 
 def _chat_ids(text: str) -> tuple[str, ...]:
+    """Chats to send to: numeric ids or @channelname, each optionally `:THREAD` (a forum topic,
+    such as -100123:45)."""
     ids = tuple(c.strip() for c in text.split(",") if c.strip())
-    bad = [c for c in ids if not re.fullmatch(r"-?\d+|@\w{4,}", c)]
+    bad = [c for c in ids if not re.fullmatch(r"(?:-?\d+|@\w{4,})(?::\d+)?", c)]
     if bad:
         raise ConfigError(
-            f"Invalid chat id {bad[0]!r} in TELEGRAM_CHAT_ID: "
-            "use numeric ids (or @channelname), comma-separated."
+            f"Invalid chat id {bad[0]!r} in TELEGRAM_CHAT_ID: use numeric ids (or @channelname), "
+            "each optionally with :THREAD for a forum topic, comma-separated."
+        )
+    return ids
+
+
+def _allowed_ids(text: str) -> tuple[str, ...]:
+    """Chats and users whose commands are answered: numeric ids, or `none` for no commands."""
+    if text.strip().lower() == "none":
+        return ()
+    ids = tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    bad = [c for c in ids if not re.fullmatch(r"-?\d+", c)]
+    if bad or not ids:
+        shown = f"id {bad[0]!r}" if bad else "value"
+        raise ConfigError(
+            f"Invalid {shown} in TELEGRAM_ALLOWED_IDS: use numeric chat or user ids, "
+            "comma-separated, or none to answer no commands."
         )
     return ids
 
@@ -346,6 +364,16 @@ class Settings(msgspec.Struct, frozen=True):
     @property
     def telegram_chat_ids(self) -> tuple[str, ...]:
         return _chat_ids(self.given.get("TELEGRAM_CHAT_ID", ""))
+
+    @property
+    def telegram_allowed_ids(self) -> tuple[str, ...]:
+        """Who may send commands: TELEGRAM_ALLOWED_IDS, else the numeric chats of
+        TELEGRAM_CHAT_ID (a topic entry allows its whole chat)."""
+        given = self.given.get("TELEGRAM_ALLOWED_IDS")
+        if given is not None:
+            return _allowed_ids(given)
+        chats = (c.partition(":")[0] for c in self.telegram_chat_ids)
+        return tuple(dict.fromkeys(c for c in chats if not c.startswith("@")))
 
     @property
     def telegram_api_url(self) -> str:

@@ -32,6 +32,9 @@ class DecodeStats(msgspec.Struct):
     malformed_frames: int = 0
     rejected_events: int = 0
     unknown_events: int = 0
+    # events per channel (the feed's `ev`: XT, XQ, XA, XAS, XL2…), counted as a `Batcher` or a
+    # shard's decoded pass takes them; they add up to `events`
+    channels: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Decoder:
@@ -69,6 +72,12 @@ class Decoder:
         stats.events += sum(map(len, decoded))
         return decoded
 
+    def count(self, channel: str, n: int) -> None:
+        """Count `n` decoded events of `channel` (see `DecodeStats.channels`)."""
+        if n:
+            channels = self.stats.channels
+            channels[channel] = channels.get(channel, 0) + n
+
     def _salvage(self, frame: bytes | str) -> list[Event]:
         try:
             parts = self._raw_frame.decode(frame)
@@ -97,6 +106,10 @@ class Decoder:
         stats = self.stats
         stats.events -= len(events)
         stats.rejected_events += len(events)
+        channels = stats.channels
+        for event in events:
+            channel = channel_of(type(event))
+            channels[channel] = channels.get(channel, 0) - 1
         for event in events[: max(0, MAX_LOGGED_REJECTS - self._logged)]:
             self._log("rejected event", reason, msgspec.json.encode(event))
 
@@ -113,3 +126,9 @@ class Decoder:
         text = bytes(data) if isinstance(data, msgspec.Raw) else data
         shown = text[:200] if isinstance(text, str) else text[:200].decode("utf-8", "replace")
         log.warning("%s (%s): %s", what, exc, shown)
+
+
+def channel_of(kind: type) -> str:
+    """The channel of a decoded event's type: its `ev` tag."""
+    config = getattr(kind, "__struct_config__", None)
+    return str(getattr(config, "tag", None) or "other")

@@ -68,15 +68,20 @@ def settings_rows(settings: Settings) -> list[Row]:
         if name == "POLYGON_API_KEY" and "MASSIVE_API_KEY" in settings.given:
             name = "MASSIVE_API_KEY"
         given = settings.given.get(name)
-        value = show_setting(name, given) if given else _default(name)
+        value = show_setting(name, given) if given else _default(name, settings)
         origin = settings.origins.get(name, "default")
         rows.append(Row(name, value, origin, name in SECRET_ROWS))
     return rows
 
 
-def _default(name: str) -> str | None:
+def _default(name: str, settings: Settings) -> str | None:
     if name == "POLYSTREAM_STATE_DIR":
         return str(default_state_dir())
+    if name == "TELEGRAM_ALLOWED_IDS":  # the chats of TELEGRAM_CHAT_ID
+        try:
+            return ",".join(settings.telegram_allowed_ids) or None
+        except ConfigError:
+            return None
     return DEFAULTS.get(name)
 
 
@@ -240,6 +245,7 @@ def _telegram(settings: Settings) -> Check:
     token = settings.telegram_bot_token
     try:
         chats = settings.telegram_chat_ids
+        settings.telegram_allowed_ids  # noqa: B018  (checks its form)
     except ConfigError as exc:
         return Check("telegram", "problem", str(exc))
     if not token and not chats:

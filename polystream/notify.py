@@ -394,6 +394,11 @@ class TelegramNotifier(Worker[Sequence[Alert]]):
         """A snapshot of the counters."""
         return msgspec.structs.replace(self._stats)
 
+    @property
+    def halted(self) -> bool:
+        """Telegram refused the bot token: nothing more is sent anywhere."""
+        return self._halted
+
     def counters(self) -> dict[str, int]:
         """The counters shown beside the pipeline's own."""
         s = self._stats

@@ -104,6 +104,9 @@ class Pipeline:
         self.duration = duration
         self.watchdog = watchdog  # seconds without data after which a live feed counts as down
         self.passes = 0
+        # called after each pass over frames (or decoded events) with the frames, the events
+        # decoded and the seconds the pass took, outputs handed to the sinks included
+        self.on_pass: list[Callable[[int, int, float], None]] = []
         self._clock = clock
         self._tick_every = tick_every
         self._drain_timeout = drain_timeout
@@ -189,20 +192,27 @@ class Pipeline:
                 self.sinks.write(Output(notices=[item]))
             elif type(item) is EndOfStream:
                 end = item
+        stats = self.stages.decoder.stats
         if frames:
             self.passes += 1
+            started, events = time.perf_counter(), stats.events
             for out in self.stages.step(frames):
                 self.sinks.write(out)
             if self.live:
                 self._last_data = frames[-1].received
                 self._lag = max(0, self.now_ms() - self._last_data)
+            for observe in self.on_pass:
+                observe(len(frames), stats.events - events, time.perf_counter() - started)
         for part in decoded:
             self.passes += 1
+            started, events = time.perf_counter(), stats.events
             for out in self.stages.step_decoded(part):
                 self.sinks.write(out)
             if self.live:
                 self._last_data = part.batch.received
                 self._lag = max(0, self.now_ms() - self._last_data)
+            for observe in self.on_pass:
+                observe(part.frames, stats.events - events, time.perf_counter() - started)
         if end is not None:
             self._end(end)
 

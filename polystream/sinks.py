@@ -24,6 +24,7 @@ from .schema import Alert, Gap, Notice, alert_rows, book_rows, gap_rows
 from .source import Frame
 
 if TYPE_CHECKING:
+    from .commands import Mutes, RunState, TelegramCommands
     from .notify import TelegramNotifier
     from .record import Recorder
     from .store import Store
@@ -286,29 +287,77 @@ class StoreSink(BaseSink):
 
 
 class TelegramSink(BaseSink):
-    """Alerts routed to `telegram` to the notifier; its problems (a chat that blocked the bot)
-    become `error` status records, once each."""
+    """Alerts routed to `telegram` to the notifier, but for muted ones (counted as `muted`);
+    an alert that asks for a chart goes with the recent bars of its symbol and timeframe. Its
+    problems and the commands worker's (a chat that blocked the bot) become `error` status
+    records, once each. `state` is kept up to date for the `commands` worker, which runs as
+    long as the sink."""
 
     name = "Telegram"
 
-    def __init__(self, notifier: TelegramNotifier, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        notifier: TelegramNotifier,
+        timeout: float = 15.0,
+        *,
+        state: RunState | None = None,
+        mutes: Mutes | None = None,
+        commands: TelegramCommands | None = None,
+    ) -> None:
         self.notifier = notifier
         self.timeout = timeout
+        self.state = state
+        self.mutes = mutes
+        self.commands = commands
         self._shown = 0
+        self._shown_commands = 0
+        self._muted = 0
+
+    def _start(self) -> None:
+        # on first use: a run that never starts leaves no thread behind
+        self.notifier.start()
+        if self.commands is not None:
+            self.commands.start()
 
     def write(self, out: Output) -> None:
-        self.notifier.start()  # on first use: a run that never starts leaves no thread behind
+        self._start()
+        if self.state is not None:
+            self.state.update(out)
         routed = [a for a in out.alerts if "telegram" in a.notify]
-        if routed:
+        if routed and self.mutes is not None:
+            kept = [a for a in routed if not self.mutes.muted(a)]
+            self._muted += len(routed) - len(kept)
+            routed = kept
+        if not routed:
+            return
+        charts = [self._chart(a) for a in routed]
+        if any(c is not None for c in charts):
+            self.notifier.offer(routed, charts=charts)
+        else:
             self.notifier.offer(routed)
 
+    def _chart(self, alert: Alert) -> pl.DataFrame | None:
+        if alert.attach != "chart" or self.state is None or alert.timeframe is None:
+            return None
+        return self.state.bars(alert.symbol, alert.timeframe)
+
     def tick(self, view: View) -> Sequence[Notice]:
-        self.notifier.start()
+        self._start()
+        if self.state is not None:
+            self.state.tick(view)
+            if self.mutes is not None:
+                self.mutes.expire(self.state.now_ms())
         problems = self.notifier.problems[self._shown :]
         self._shown += len(problems)
+        if self.commands is not None:
+            more = self.commands.problems[self._shown_commands :]
+            self._shown_commands += len(more)
+            problems = [*problems, *more]
         return [Notice("error", view.now_ms, text) for text in problems]
 
     def close(self, view: View) -> Sequence[Notice]:
+        if self.commands is not None:
+            self.commands.stop()
         if view.hurry:  # a request in flight is not waited for: its alerts stay in the outbox
             self.notifier.stop(0.0, in_flight=HURRY)
         else:
@@ -316,7 +365,10 @@ class TelegramSink(BaseSink):
         return self.tick(view)
 
     def counters(self) -> dict[str, int]:
-        return self.notifier.counters()
+        shown = self.notifier.counters()
+        if self._muted:
+            shown["muted"] = self._muted
+        return shown
 
 
 class RecorderSink(BaseSink):

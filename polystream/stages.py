@@ -138,6 +138,13 @@ class Stages:
         stats = self.decoder.stats
         stats.frames += decoded.frames
         stats.events += decoded.batch.size
+        batch, count = decoded.batch, self.decoder.count
+        for channel, n in (("XT", batch.trades.height), ("XQ", batch.quotes.height)):
+            count(channel, n)
+        count("XL2", len(batch.books))
+        if batch.aggregates.height:
+            for ev, n in batch.aggregates["ev"].value_counts().iter_rows():
+                count(ev, n)
         for frame in (decoded.batch.trades, decoded.batch.quotes):
             if frame.height:
                 self._decoded.update(frame["symbol"].unique().to_list())

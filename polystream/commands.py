@@ -35,6 +35,7 @@ from .config import (
 )
 from .display import clock_text
 from .errors import PolystreamError
+from .feedalerts import FILTER as FEED_ALERTS
 from .filters.directory import read_last_fired, write_atomically
 from .filters.spec import NAME
 from .notify import MAX_CAPTION, escape, split_message
@@ -617,7 +618,9 @@ class TelegramCommands(Worker[None]):
         return "\n".join(lines)
 
     def _names(self) -> list[str]:
-        return [f.name for f in self.filters.filters] if self.filters is not None else []
+        """The filters' names, and that of the feed-state alerts."""
+        loaded = [f.name for f in self.filters.filters] if self.filters is not None else []
+        return [*loaded, FEED_ALERTS]
 
     def _mute(self, args: list[str]) -> str:
         if len(args) != 2:

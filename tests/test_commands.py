@@ -32,6 +32,7 @@ from polystream.commands import (
 from polystream.config import load_settings
 from polystream.doctor import run_checks, settings_rows
 from polystream.errors import ConfigError
+from polystream.feedalerts import FILTER as FEED_ALERTS
 from polystream.filters import Filter, FilterEngine
 from polystream.notify import TelegramNotifier
 from polystream.schema import Alert
@@ -213,6 +214,21 @@ def test_bad_arguments_get_one_sentence(bot: BotApi, make: Make) -> None:
 
 
 # -- mutes -----------------------------------------------------------------------------------
+
+
+def test_the_feed_state_alerts_are_muted_by_their_filter_name(
+    bot: BotApi, make: Make, state_dir: Path
+) -> None:
+    mutes = Mutes(state_dir)
+    state = RunState()
+    state.tick(view())
+    make(state=state, mutes=mutes, filters=FilterEngine([EVERY_BAR], timeframes=(1000,)))
+    bot.say(f"/mute {FEED_ALERTS} 8h")
+    wait_for(lambda: len(bot.delivered("111")) == 1)
+    assert bot.texts("111")[0].startswith(f"Muted {FEED_ALERTS} until ")
+    down = Alert(FEED_ALERTS, "feed", None, int(time.time() * 1000), "critical", "down", {})
+    assert mutes.muted(down) and not mutes.muted(alert())
+
 
 
 def test_a_mute_holds_on_a_replays_event_time_survives_a_restart_and_lifts(

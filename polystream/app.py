@@ -172,7 +172,8 @@ def open_run(options: RunOptions, settings: Settings) -> Iterator[Pipeline]:
             pipeline.add(telegram)
             # after the notifier's sink: it closes first, while the notifier still takes alerts
             muted = telegram.mutes.muted if telegram.mutes is not None else None
-            pipeline.add(FeedAlertSink(notifier, store=store, muted=muted))
+            limit = settings.journal_alert_bytes
+            pipeline.add(FeedAlertSink(notifier, store=store, muted=muted, journal_limit=limit))
         if options.warmup and live:
             stored = store is not None and store_down is None
             history_bars = _history(settings, stored, options.feed, symbols, timeframes)

@@ -13,6 +13,7 @@ import io
 import math
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -453,6 +454,9 @@ def _macd_pane(ax: Axes, frame: pl.DataFrame, x: Any, step: Any) -> None:
     ax.set_ylabel("MACD")
 
 
+_DRAWING = threading.Lock()
+
+
 def _render_image(
     kind: str,
     bars: pl.DataFrame,
@@ -463,11 +467,14 @@ def _render_image(
     width: int = 1200,
     height: int = 800,
 ) -> bytes:
-    fig = matplotlib_figure(
-        bars, symbol=symbol, title=title, alerts=alerts, width=width, height=height
-    )
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=kind, dpi=100)
+    # One at a time: the Telegram notifier and the commands draw on their own threads, and
+    # matplotlib's settings (rc_context) are global.
+    with _DRAWING:
+        fig = matplotlib_figure(
+            bars, symbol=symbol, title=title, alerts=alerts, width=width, height=height
+        )
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=kind, dpi=100)
     return buffer.getvalue()
 
 

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MUTES_FILE = "telegram-mutes.json"
 OFFSET_FILE = "telegram-updates.json"
+# Seconds a stored getUpdates offset is used for: as long as Telegram keeps an update.
+OFFSET_KEPT = 86_400
 # What `RunState` keeps for the commands: the latest alerts, and final bars per series.
 RECENT_ALERTS = 100
 RECENT_BARS = 150
@@ -695,6 +697,7 @@ class TelegramCommands(Worker[None]):
         """One Bot API request; its `result`, else `_Refused` or `_Unreachable`."""
         url = f"{self._base}/{method}"
         timeout = (self.timeout, read_timeout or self.timeout)
+        payload = {k: v for k, v in payload.items() if v is not None}  # absent, not null
         try:
             if files is None:
                 response = self._session.post(url, json=payload, timeout=timeout)
@@ -799,8 +802,15 @@ class TelegramCommands(Worker[None]):
             data = json.loads(self._offset_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        value = data.get(self._bot) if isinstance(data, dict) else None
-        return value if isinstance(value, int) else None
+        kept = data.get(self._bot) if isinstance(data, dict) else None
+        if not isinstance(kept, dict):
+            return None
+        offset, saved = kept.get("offset"), kept.get("saved")
+        if not isinstance(offset, int) or not isinstance(saved, int | float):
+            return None
+        # Telegram keeps updates a day: an older offset guards against nothing, and after a
+        # week without updates their ids start again at random, perhaps below it
+        return offset if time.time() - saved < OFFSET_KEPT else None
 
     def _save_offset(self, offset: int) -> None:
         try:
@@ -808,7 +818,7 @@ class TelegramCommands(Worker[None]):
         except (OSError, ValueError):
             data = {}
         data = data if isinstance(data, dict) else {}
-        data[self._bot] = offset
+        data[self._bot] = {"offset": offset, "saved": int(time.time())}
         try:
             write_atomically(self._offset_path, json.dumps(data, sort_keys=True))
         except OSError as exc:

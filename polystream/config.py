@@ -240,6 +240,7 @@ ENV_VARS = (
     "TELEGRAM_API_URL",
     "POLYSTREAM_FILTERS_DIR",
     "POLYSTREAM_STATE_DIR",
+    "POLYSTREAM_JOURNAL_ALERT_MIB",
 )
 _API_KEY_VARS = ("POLYGON_API_KEY", "MASSIVE_API_KEY")
 SECRET_VARS = (*_API_KEY_VARS, "TELEGRAM_BOT_TOKEN")
@@ -249,6 +250,7 @@ DEFAULTS = {
     "POLYGON_REST_URL": DEFAULT_REST_URL,
     "TELEGRAM_API_URL": DEFAULT_TELEGRAM_API_URL,
     "POLYSTREAM_FILTERS_DIR": "filters",
+    "POLYSTREAM_JOURNAL_ALERT_MIB": "256",
 }
 # Where a value can come from, the first beating the others.
 _LAYERS = ("flag", "env", ".env")
@@ -389,6 +391,15 @@ class Settings(msgspec.Struct, frozen=True):
     def state_dir(self) -> Path:
         given = self.given.get("POLYSTREAM_STATE_DIR")
         return _state_dir(Path(given) if given else default_state_dir())
+
+    @property
+    def journal_alert_bytes(self) -> int:
+        """The journal size that is worth a Telegram message (POLYSTREAM_JOURNAL_ALERT_MIB)."""
+        name = "POLYSTREAM_JOURNAL_ALERT_MIB"
+        given = self.given.get(name, DEFAULTS[name]).strip()
+        if not given.isdigit() or int(given) < 1:
+            raise ConfigError(f"Invalid {name} {given!r}: give a whole number of MiB, such as 256.")
+        return int(given) * 1024 * 1024
 
     @property
     def secrets(self) -> list[str]:

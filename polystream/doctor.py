@@ -246,6 +246,7 @@ def _telegram(settings: Settings) -> Check:
     try:
         chats = settings.telegram_chat_ids
         settings.telegram_allowed_ids  # noqa: B018  (checks its form)
+        settings.journal_alert_bytes  # noqa: B018
     except ConfigError as exc:
         return Check("telegram", "problem", str(exc))
     if not token and not chats:

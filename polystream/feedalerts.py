@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .config import DEFAULTS
 from .schema import Alert, Notice
 from .sinks import BaseSink, Output, View, feed_down
 
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
 FILTER = "polystream"
 # How long the database may be unreachable before it is worth a message.
 DATABASE_GRACE_MS = 60_000
-# The journal size that is worth a message: rows wait there while the database is away.
-JOURNAL_LIMIT = 256 * 1024 * 1024
+# The journal size that is worth a message (rows wait there while the database is away), unless
+# POLYSTREAM_JOURNAL_ALERT_MIB says otherwise.
+JOURNAL_LIMIT = int(DEFAULTS["POLYSTREAM_JOURNAL_ALERT_MIB"]) * 1024 * 1024
 # The quiet time after a message of each kind during which another of the same kind is held.
 COOLDOWNS_MS = {"feed": 300_000, "database": 300_000, "journal": 1_800_000, "gaps": 60_000}
 

@@ -25,6 +25,7 @@ from polystream.commands import (
     KEPT_AFTER,
     MUTES_FILE,
     OFFSET_FILE,
+    OFFSET_KEPT,
     Mutes,
     RunState,
     TelegramCommands,
@@ -230,7 +231,6 @@ def test_the_feed_state_alerts_are_muted_by_their_filter_name(
     assert mutes.muted(down) and not mutes.muted(alert())
 
 
-
 def test_a_mute_holds_on_a_replays_event_time_survives_a_restart_and_lifts(
     bot: BotApi, make: Make, state_dir: Path
 ) -> None:
@@ -359,7 +359,9 @@ def test_the_update_offset_survives_a_restart(bot: BotApi, make: Make, state_dir
     first.stop(2.0)
     assert not first.alive
     stored = json.loads((state_dir / OFFSET_FILE).read_text())
-    assert stored == {TOKEN.split(":")[0]: update_id + 1}
+    bot_id = TOKEN.split(":")[0]
+    assert stored[bot_id]["offset"] == update_id + 1
+    assert abs(stored[bot_id]["saved"] - time.time()) < 60
 
     polls = len(bot.polls)
     make()
@@ -372,6 +374,21 @@ def test_the_update_offset_survives_a_restart(bot: BotApi, make: Make, state_dir
     ]
     assert bot.polls[polls]["offset"] == update_id + 1
     assert bot.polls[polls]["allowed_updates"] == ["message"]
+
+
+def test_an_offset_older_than_telegram_keeps_updates_is_not_used(
+    bot: BotApi, make: Make, state_dir: Path
+) -> None:
+    # After a week without updates Telegram numbers them again from a random id, perhaps below
+    # a stored offset, which would then hide every new command.
+    state_dir.mkdir(parents=True)
+    day_old = int(time.time()) - OFFSET_KEPT - 1
+    stored = {TOKEN.split(":")[0]: {"offset": 5_000, "saved": day_old}}
+    (state_dir / OFFSET_FILE).write_text(json.dumps(stored))
+    make()
+    bot.say("/help")  # update id 1000
+    wait_for(lambda: len(bot.delivered("111")) == 1)
+    assert "offset" not in bot.polls[0]
 
 
 def test_stop_does_not_wait_for_a_long_poll(bot: BotApi, make: Make) -> None:
@@ -454,12 +471,17 @@ def test_watch_answers_commands_and_keeps_muted_alerts_from_telegram(
     bot: BotApi, tmp_path: Path
 ) -> None:
     """A paced replay of 1 s bars that each fire a filter routed to Telegram, with a mute (set
-    by an earlier run) that ends 8 s of event time into the replay."""
+    by an earlier run) that ends 8 s of event time into the replay, and a filter that fires once
+    with a chart."""
     filters = tmp_path / "filters"
     filters.mkdir()
     (filters / "every-bar.yaml").write_text(
         "name: every-bar\non: bar\ntimeframe: 1s\nwhen: close > 0\ntrigger: level\n"
         'message: "bar {start} closed"\nnotify: [telegram]\n'
+    )
+    (filters / "first-bar.yaml").write_text(  # fires once, on the first bar, with a picture
+        "name: first-bar\non: bar\ntimeframe: 1s\nwhen: close > 0\ntrigger: edge\n"
+        "notify: [telegram]\nattach: chart\n"
     )
     recording = tmp_path / "trades.tsv"
     write_recording(recording, seconds=16)
@@ -491,6 +513,9 @@ def test_watch_answers_commands_and_keeps_muted_alerts_from_telegram(
     assert status.thread == 3 and "feed <b>" in status.text and "muted: every-bar" in status.text
     starts = [int(s) for t in bot.texts("111") for s in re.findall(r"bar (\d+) closed", t)]
     assert starts and min(starts) == T0 + 8000
+    [photo] = bot.photos("111")
+    assert photo.photo is not None and photo.photo.startswith(PNG)
+    assert photo.text.startswith("<b>WARNING</b> first-bar · X:BTCUSD 1s")
     assert TOKEN not in result.stdout + result.stderr
     assert json.loads((state / OFFSET_FILE).read_text())
 

@@ -62,7 +62,7 @@ def test_each_origin_is_shown(tmp_path: Path) -> None:
     assert table["TELEGRAM_API_URL"] == ("https://api.telegram.org", "default")
     assert table["DATABASE_URL"] == ("—", "default")
     assert table["POLYSTREAM_STATE_DIR"] == (str(tmp_path / "xdg" / "polystream"), "default")
-    assert len(table) == 10
+    assert len(table) == 11
 
 
 def test_secrets_never_appear_and_json_parses(tmp_path: Path) -> None:

@@ -8,12 +8,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from postgres import Cluster
 
 from conftest import API_KEY
 from polystream import app
-from polystream.config import load_settings
-from polystream.feedalerts import FeedAlertSink
+from polystream.config import Settings, load_settings
+from polystream.doctor import run_checks
+from polystream.errors import ConfigError
+from polystream.feedalerts import JOURNAL_LIMIT, FeedAlertSink
 from polystream.notify import TelegramNotifier
 from polystream.schema import Gap, Notice, gap_rows
 from polystream.simulator import DemoFeed
@@ -171,3 +174,17 @@ def test_the_database_away_past_its_grace_and_back_is_said_once_each(
     assert len(said) == 2, said
     assert said[0].startswith("<b>CRITICAL</b>") and "rows wait in the journal" in said[0]
     assert said[1].startswith("<b>INFO</b>")
+
+
+def test_the_journal_size_worth_a_message_is_a_setting(tmp_path: Path) -> None:
+    def settings(value: str) -> Settings:
+        given = {"POLYSTREAM_JOURNAL_ALERT_MIB": value, "POLYSTREAM_STATE_DIR": str(tmp_path)}
+        return load_settings(given, environ={}, env_file=None)
+
+    assert load_settings({}, environ={}, env_file=None).journal_alert_bytes == JOURNAL_LIMIT
+    assert settings("8").journal_alert_bytes == 8 * 1024 * 1024
+    for bad in ("0", "1.5", "lots"):
+        with pytest.raises(ConfigError, match=r"^Invalid POLYSTREAM_JOURNAL_ALERT_MIB .*MiB"):
+            settings(bad).journal_alert_bytes  # noqa: B018
+    [telegram] = [c for c in run_checks(settings("lots")) if c.name == "telegram"]
+    assert telegram.status == "problem" and "POLYSTREAM_JOURNAL_ALERT_MIB" in telegram.detail

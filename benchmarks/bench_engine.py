@@ -91,7 +91,11 @@ and rate, and kept there: a later run with the same parameters reuses them (a 10
 package, not the in-process API the sections above use, nor bench_decode:
 
     python benchmarks/bench_engine.py --command [--events N] [--memory-events M] [--repeat R]
-        [--polystream EXE] [--baseline EXE] [--recording FILE] [--tmp DIR] [--cpu C]
+        [--polystream EXE] [--baseline EXE] [--extra OPTIONS] [--recording FILE] [--tmp DIR]
+        [--cpu C]
+
+`--extra` adds options to the timed executable's `watch` only: with `--baseline` the same
+executable, the rounds show what those options cost (`--extra '--metrics 127.0.0.1:0'`).
 
 `--polystream` defaults to the `polystream` script beside this Python. The command is not pinned
 unless `--cpu` is given (then this process and, by inheritance, the command run on that CPU).
@@ -109,6 +113,7 @@ import platform
 import random
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -984,12 +989,14 @@ def clean_environment() -> tuple[dict[str, str], list[str]]:
     return env, sorted(dropped)
 
 
-def watch_argv(executable: Path, recording: Path, filters: Path) -> list[str]:
+def watch_argv(
+    executable: Path, recording: Path, filters: Path, extra: Sequence[str] = ()
+) -> list[str]:
     argv = [str(executable), "watch", *COMMAND_SYMBOLS, "--feed", str(recording), "--no-ui"]
     argv.append("--json")
     for tf in COMMAND_TIMEFRAMES:
         argv += ["-t", tf]
-    return [*argv, "--filters", str(filters)]
+    return [*argv, "--filters", str(filters), *extra]
 
 
 class TerminalDrain(threading.Thread):
@@ -1082,7 +1089,9 @@ def _set_window_size(fd: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
 
-def run_command(executable: Path, recording: Path, sample_every: float) -> CommandRun:
+def run_command(
+    executable: Path, recording: Path, sample_every: float, extra: Sequence[str] = ()
+) -> CommandRun:
     """One run of `polystream watch ... --feed recording`, as a user at a terminal starts it:
     stdout to /dev/null, stderr on a pseudo-terminal, no filters, no storage, no notifier."""
     env, _ = clean_environment()
@@ -1091,7 +1100,7 @@ def run_command(executable: Path, recording: Path, sample_every: float) -> Comma
         for directory in (cwd, state, filters):
             directory.mkdir()
         env["POLYSTREAM_STATE_DIR"] = str(state)
-        argv = watch_argv(executable, recording, filters)
+        argv = watch_argv(executable, recording, filters, extra)
         master, slave = os.openpty()
         drain = TerminalDrain(master)
         proc: subprocess.Popen[bytes] | None = None
@@ -1248,6 +1257,8 @@ def command_throughput(
         f"{events:,} events per run =="
     )
     print(f"  command: {' '.join(watch_argv(Path('polystream'), recording, Path('EMPTY_DIR')))}")
+    if args.extra:
+        print(f"  polystream watch (not the baseline) also gets: {args.extra}")
     print(
         "  stdout to /dev/null, stderr on a pseudo-terminal; a fresh empty working directory, "
         "filters directory and state directory per run; wall time from just before the process "
@@ -1274,7 +1285,8 @@ def command_throughput(
                 times[name].append(elapsed)
                 _round_line(rnd + 1, name, elapsed, events)
                 continue
-            run = run_command(executables[name], recording, PEAK_SAMPLE_S)
+            extra = shlex.split(args.extra) if name == "polystream watch" else []
+            run = run_command(executables[name], recording, PEAK_SAMPLE_S, extra)
             last[name] = run
             startup = "n/a" if run.startup is None else f"{run.startup:.2f} s"
             details = (
@@ -1586,6 +1598,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     command.add_argument(
         "--baseline", type=Path, default=None, help="another executable, timed in the same rounds"
+    )
+    command.add_argument(
+        "--extra",
+        default="",
+        help="more options for the timed executable's watch, not the baseline's (with --baseline "
+        "the same executable: what the options cost), such as '--metrics 127.0.0.1:0'",
     )
     command.add_argument(
         "--recording",

@@ -52,7 +52,11 @@ side with the ratios baseline/new of p50 and p99.
 Run from the project root, with the virtualenv active:
 
     python benchmarks/bench_latency.py [--rates 2000,20000,100000] [--seconds 20] [--warmup 2]
-        [--polystream PATH] [--baseline PATH] [--marked-per-second 20] [--seed 7]
+        [--polystream PATH] [--baseline PATH] [--extra OPTIONS] [--marked-per-second 20]
+        [--seed 7]
+
+``--extra`` adds options to the new run's ``watch`` only: with ``--baseline`` the same executable,
+the two columns show what those options cost (``--extra '--metrics 127.0.0.1:0'``).
 
 ``--polystream`` defaults to the ``polystream`` script beside the running Python.
 
@@ -72,6 +76,7 @@ import multiprocessing
 import os
 import platform
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -674,6 +679,7 @@ def run_once(exe: Path, label: str, rate: int, args: argparse.Namespace) -> RunR
                 str(filters),
                 "-t",
                 "1m",
+                *(shlex.split(args.extra) if label == "new" else ()),
             ]
             with open(err_path, "wb") as err_file:
                 proc = subprocess.Popen(
@@ -968,6 +974,12 @@ def main(argv: list[str] | None = None) -> int:
         help="polystream executable (default: the one beside this Python)",
     )
     ap.add_argument("--baseline", type=Path, default=None, help="a second executable to compare")
+    ap.add_argument(
+        "--extra",
+        default="",
+        help="more options for the new run's `watch` only, such as '--metrics 127.0.0.1:0' "
+        "(with --baseline the same executable: what the options cost)",
+    )
     ap.add_argument("--marked-per-second", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
@@ -990,7 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (exe.is_file() and os.access(exe, os.X_OK)):
             print(f"  {label}: {exe} is not an executable file; skipped")
             continue
-        print(f"  {label}: {exe} ({_version(exe)})")
+        options = f", with {args.extra}" if label == "new" and args.extra else ""
+        print(f"  {label}: {exe} ({_version(exe)}){options}")
         usable.append((label, exe))
     print(
         f"  {args.seconds:g} s per rate, first {args.warmup:g} s left out; "

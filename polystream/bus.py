@@ -39,7 +39,16 @@ _SUBJECT_FULL = 10077
 # How long a caller waits past an operation's own timeouts before giving up on the loop.
 _GRACE_S = 2.0
 _DRAIN_S = 5.0
-_ENSURE_TRIES = 3  # requests to configure a stream before giving up
+# Requests to configure a stream before giving up: a server just started, or one whose disk is
+# busy, can leave a few unanswered (a test run once saw three in a row).
+_ENSURE_TRIES = 5
+
+
+def _ensure_pause(attempt: int) -> float:
+    """Seconds between the stream configuration requests `attempt` and `attempt + 1`."""
+    return 0.5 * (attempt + 1)
+
+
 # Publish requests awaiting their ack at once: enough to fill the pipe, bounded in memory.
 _IN_FLIGHT = 512
 # Failures after which the same request may succeed: a lost reply, no stream leader yet
@@ -268,7 +277,8 @@ class Bus:
             num_replicas=replicas,
         )
         doing = f"the configuration of stream {name}"
-        budget = self._timeout * 2 * _ENSURE_TRIES + _GRACE_S
+        pauses = sum(_ensure_pause(a) for a in range(_ENSURE_TRIES - 1))
+        budget = self._timeout * 2 * _ENSURE_TRIES + pauses + _GRACE_S
         self._call(self._ensure_stream(config), budget, doing)
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
@@ -286,7 +296,7 @@ class Bus:
             except _RETRYABLE:
                 if attempt == _ENSURE_TRIES - 1:
                     raise
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(_ensure_pause(attempt))
 
     def publish(
         self,

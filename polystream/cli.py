@@ -262,6 +262,10 @@ def watch(
     if from_bus is not None and shard is None:
         from .viewer import view_results
 
+        if metrics is not None:
+            raise UsageError(
+                "--metrics serves a run that computes: give --shard K/N with --from, or a feed."
+            )
         _settings()
         code = view_results(
             from_bus,

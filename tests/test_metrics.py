@@ -487,3 +487,13 @@ def test_writer_rows_and_a_lost_database(tmp_path: Path, filters: Path, migrated
     assert total(samples, "polystream_store_connected") == 0
     assert total(samples, "polystream_store_journal_bytes") > 0
     assert "hunter2" not in probe.raw
+
+
+def test_metrics_of_the_read_only_viewer_is_bad_usage(tmp_path: Path) -> None:
+    result = run(tmp_path, "watch", "--from", "nats://127.0.0.1:1", "--metrics", "0")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "polystream: error: --metrics serves a run that computes: give --shard K/N with --from, "
+        "or a feed."
+    ]

@@ -304,6 +304,19 @@ def outbox_rows(state: Path) -> int:
     return count
 
 
+# The outbox's table as versions 1 and 2 made it.
+OUTBOX_V1 = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat TEXT NOT NULL,
+    alert BLOB NOT NULL,
+    digest INTEGER,
+    parts_sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX outbox_chat ON outbox (chat, id);
+"""
+
+
 # -- texts -------------------------------------------------------------------------------------
 
 
@@ -750,19 +763,7 @@ def test_a_digest_under_way_in_an_older_outbox_resumes_without_loss(
     full = format_digest(burst)
     old_first = split_message(full)[0]
     with sqlite3.connect(state / OUTBOX_FILE) as db:
-        db.executescript(
-            """
-            CREATE TABLE outbox (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                chat TEXT NOT NULL,
-                alert BLOB NOT NULL,
-                digest INTEGER,
-                parts_sent INTEGER NOT NULL DEFAULT 0
-            );
-            CREATE INDEX outbox_chat ON outbox (chat, id);
-            PRAGMA user_version = 1;
-            """
-        )
+        db.executescript(OUTBOX_V1 + "PRAGMA user_version = 1;")
         db.executemany(
             "INSERT INTO outbox (id, chat, alert, digest, parts_sent) VALUES (?, '111', ?, 1, 1)",
             [(i + 1, msgspec.json.encode(a)) for i, a in enumerate(burst)],
@@ -869,18 +870,9 @@ def test_a_version_2_outbox_is_migrated(
     old = alert("stored by version 2")
     with sqlite3.connect(state / OUTBOX_FILE) as db:
         db.executescript(
-            """
-            CREATE TABLE outbox (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                chat TEXT NOT NULL,
-                alert BLOB NOT NULL,
-                digest INTEGER,
-                parts_sent INTEGER NOT NULL DEFAULT 0
-            );
-            CREATE INDEX outbox_chat ON outbox (chat, id);
-            CREATE TABLE marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-            PRAGMA user_version = 2;
-            """
+            OUTBOX_V1
+            + "CREATE TABLE marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+            + "PRAGMA user_version = 2;"
         )
         db.execute(
             "INSERT INTO outbox (chat, alert) VALUES ('111', ?)", (msgspec.json.encode(old),)

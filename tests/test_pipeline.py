@@ -352,6 +352,8 @@ def test_feed_aggregates_as_bar_source_and_their_drift() -> None:
 def test_ctrl_c_is_a_request_to_stop_not_an_exception() -> None:
     """SIGINT may arrive while polars runs; it must end the run in order, never mid-call."""
     out = Capture()
+    # what it was: Python's own handler, or SIG_IGN in a shell's background job
+    before = signal.getsignal(signal.SIGINT)
     with DemoFeed(api_key=API_KEY, seed=4, bar_seconds=0.05) as feed:
         client = FeedClient(
             feed.url, API_KEY, ["BTC-USD"], ("XT", "XQ"), options=FeedOptions(poll_interval=0.05)
@@ -362,5 +364,5 @@ def test_ctrl_c_is_a_request_to_stop_not_an_exception() -> None:
         threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         result = pipeline.run(duration=20)
     assert result.interrupted
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     assert out.records.filter(pl.col("state") == "partial").height >= 1

@@ -337,7 +337,7 @@ def test_feed_aggregates_as_bar_source_and_their_drift() -> None:
             ),
             [out],
         )
-        pipeline.run(duration=5.0)
+        pipeline.run(duration=8.0)  # a final bar needs its second and 1.5 s more
     final = out.records.filter(pl.col("state") == "final")
     assert final.height >= 2
     assert final["buy_volume"].sum() == 0  # the feed's aggregates do not split sides

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from urllib.parse import quote
 import msgspec
 import polars as pl
 import pytest
+from postgres import free_port
 
 from polystream.commands import (
     KEPT_AFTER,
@@ -407,10 +407,7 @@ def test_the_token_never_appears_in_logs_replies_or_reprs(
     bot: BotApi, make: Make, state_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    unreachable = make(api_url=f"http://127.0.0.1:{closed}")
+    unreachable = make(api_url=f"http://127.0.0.1:{free_port()}")
     wait_for(lambda: any("cannot reach Telegram" in r.getMessage() for r in caplog.records))
     refused = make(token=WRONG_TOKEN)
     wait_for(lambda: not refused.alive)

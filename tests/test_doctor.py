@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from postgres import free_port
 from test_config import polystream
 
 KEY = "pk_live_doctor_0123456789abcdef"
@@ -156,12 +157,6 @@ def test_a_database_that_is_not_migrated_is_a_problem(
 ) -> None:
     result = check(tmp_path, DATABASE_URL=database_url, **healthy)
     assert_problem(result, "database", "`polystream migrate`")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_an_unreachable_database_is_a_problem(tmp_path: Path, healthy: dict[str, str]) -> None:

@@ -8,7 +8,6 @@ import itertools
 import json
 import logging
 import re
-import socket
 import sqlite3
 import sys
 import threading
@@ -25,6 +24,7 @@ from urllib.parse import parse_qs, quote, unquote
 import msgspec
 import polars as pl
 import pytest
+from postgres import free_port
 
 from polystream.filters.engine import Alert, bar_records
 from polystream.notify import (
@@ -670,10 +670,7 @@ def test_the_token_never_appears_in_logs_problems_or_repr(
     api: BotApi, make: MakeNotifier, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
-    unreachable = make(state=tmp_path / "a", api_url=f"http://127.0.0.1:{closed_port}")
+    unreachable = make(state=tmp_path / "a", api_url=f"http://127.0.0.1:{free_port()}")
     unreachable.offer([alert()])
     wait_for(lambda: unreachable.stats.retried >= 2)
 
@@ -1054,10 +1051,7 @@ def test_the_token_stays_out_of_photo_requests_and_their_errors(
     bars: pl.DataFrame,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
-    unreachable = make(state=tmp_path / "a", api_url=f"http://127.0.0.1:{closed_port}")
+    unreachable = make(state=tmp_path / "a", api_url=f"http://127.0.0.1:{free_port()}")
     unreachable.offer([charted()], charts=[bars])
     wait_for(lambda: unreachable.stats.retried >= 2)
     working = make(("-100123:45",), state=tmp_path / "b")

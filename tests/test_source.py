@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from postgres import free_port
 
 from conftest import API_KEY, FAST, collect
 from polystream.decode import Decoder
@@ -97,9 +97,7 @@ def test_any_close_reconnects_and_resubscribes(
 
 
 def test_backoff_grows_capped_with_jitter(make_client: MakeClient) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     client = make_client(f"ws://127.0.0.1:{port}", backoff_initial=0.02, backoff_max=0.16)
     items = collect(client, count("reconnecting", 6))
     delays = [
